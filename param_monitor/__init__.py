@@ -1,0 +1,1 @@
+"""param_monitor: watch weights, gradients and shared-parameter gradient contributions."""
