@@ -177,6 +177,8 @@ class ParameterMonitor(Callback):
         step = _step(trainer)
         if self._done_step == step:
             return
+        if watcher.has_lazy:
+            watcher.refresh()  # materialized by this step's forward: from now on they are monitored
         if self.histogram_every_n_steps and (step + 1) % self.histogram_every_n_steps == 0:
             self._write_histograms(trainer, watcher, step)
         if self._summary_pending:
@@ -291,6 +293,8 @@ class ParameterMonitor(Callback):
             if watcher.has_lazy:
                 return  # not materialized yet: try again on a later step
         tracker = watcher.tracker
+        if tracker is not None and not tracker.has_seen_forward:
+            return  # tracker just rebuilt (lazy parameters): name call sites on the next step
         call_sites = tracker.call_sites() if tracker is not None else {}
         table = format_markdown(parameter_table(pl_module, call_sites))
         shared = {n: s for n, s in call_sites.items() if n in (tracker.shared_names() if tracker else [])}

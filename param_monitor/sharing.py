@@ -122,6 +122,11 @@ class SharedUseTracker:
             self._last_calls = self._calls
         self._calls = {}
 
+    @property
+    def has_seen_forward(self) -> bool:
+        """Whether a forward pass ran under the hooks (so call sites are known)."""
+        return bool(self._calls or self._last_calls)
+
     def reset(self) -> None:
         """Free the buffers."""
         self._buffers = {}

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from param_monitor.distributed import local_tensor
+
 #: Tag prefixes: the documented, stable schema (see the README's table).
 WEIGHT_MEAN = "weight_mean"
 WEIGHT_NORM = "weight_norm"
@@ -119,24 +121,60 @@ def _shared_partial_sums(grad: Tensor, uses: Sequence[Tensor], grad_scale: Tenso
     return out * grad_scale if grad_scale is not None else out
 
 
-def finalize(values: Sequence[float], layout: StatsLayout) -> dict[str, float]:
-    """Turn the (possibly all-reduced) partial sums into the documented metrics."""
+def finalize(values: Sequence[float], layout: StatsLayout, aggregate_depth: int | None = None) -> dict[str, float]:
+    """Turn the (possibly all-reduced) partial sums into the documented metrics.
+
+    With ``aggregate_depth`` the per-tensor sums are first added up per :func:`module_group`, so
+    ``weight_*/``/``grad_norm/`` name modules, not tensors (shared-use metrics stay per parameter).
+    """
     it = iter(values)
     w_sq = [next(it) for _ in layout.weight_names]
     w_sum = [next(it) for _ in layout.weight_names]
     g_sq = [next(it) for _ in layout.grad_names]
     metrics: dict[str, float] = {}
-    for name, numel, sq, total in zip(layout.weight_names, layout.weight_numels, w_sq, w_sum):
+    w_names, numels, g_names = layout.weight_names, layout.weight_numels, layout.grad_names
+    grad_norms = dict(zip(g_names, map(math.sqrt, g_sq), strict=True))  # per tensor: shared errors need them
+    if aggregate_depth:
+        w_names, (numels, w_sq, w_sum) = _group_sums(w_names, aggregate_depth, numels, w_sq, w_sum)
+        g_names, (g_sq_groups,) = _group_sums(g_names, aggregate_depth, g_sq)
+        reported = dict(zip(g_names, map(math.sqrt, g_sq_groups), strict=True))
+    else:
+        reported = grad_norms
+    for name, numel, sq, total in zip(w_names, numels, w_sq, w_sum, strict=True):
         metrics[f"{WEIGHT_MEAN}/{name}"] = total / numel if numel else math.nan
         metrics[f"{WEIGHT_NORM}/{name}"] = math.sqrt(sq)
-    grad_norms = dict(zip(layout.grad_names, map(math.sqrt, g_sq)))
-    for name, norm in grad_norms.items():
+    for name, norm in reported.items():
         metrics[f"{GRAD_NORM}/{name}"] = norm
     if layout.grad_names:
         metrics[GRAD_NORM_TOTAL] = math.sqrt(math.fsum(g_sq))
     for name, sites in layout.shared:
         metrics.update(_finalize_shared(name, sites, it, grad_norms.get(name, math.nan)))
     return metrics
+
+
+def module_group(name: str, depth: int) -> str:
+    """The module a parameter is reported under at ``depth``: the first ``depth`` components of its module path.
+
+    A module path shorter than ``depth`` is used whole; a parameter of the root module is its own group.
+
+    >>> [module_group(n, 3) for n in ("model.blocks.3.attn.weight", "model.blocks.3.bias", "model.head.weight")]
+    ['model.blocks.3', 'model.blocks.3', 'model.head']
+    >>> module_group("model.blocks.3.attn.weight", 1), module_group("scale", 2)
+    ('model', 'scale')
+    """
+    parts = name.split(".")
+    return ".".join(parts[: min(depth, len(parts) - 1)]) or name
+
+
+def _group_sums(names: Sequence[str], depth: int, *columns: Sequence[float]) -> tuple[list[str], list[list[float]]]:
+    """Add up each column's per-tensor values per module group (first-seen order): sums stay sums."""
+    groups: dict[str, list[list[float]]] = {}
+    for i, name in enumerate(names):
+        cells = groups.setdefault(module_group(name, depth), [[] for _ in columns])
+        for cell, column in zip(cells, columns, strict=True):
+            cell.append(column[i])
+    totals = [[math.fsum(cells[c]) for cells in groups.values()] for c in range(len(columns))]
+    return list(groups), totals
 
 
 def _finalize_shared(name: str, sites: list[str], it, grad_norm: float) -> dict[str, float]:  # noqa: ANN001
@@ -149,7 +187,7 @@ def _finalize_shared(name: str, sites: list[str], it, grad_norm: float) -> dict[
             if norms[i] > 0 and norms[j] > 0:
                 cosines.append(dot / (norms[i] * norms[j]))
     err = math.sqrt(next(it))
-    out = {f"{SHARED_GRAD}/{name}/{site}": norm for site, norm in zip(sites, norms)}
+    out = {f"{SHARED_GRAD}/{name}/{site}": norm for site, norm in zip(sites, norms, strict=True)}
     out[f"{SHARED_GRAD_ERROR}/{name}"] = err / grad_norm if grad_norm > 0 else (0.0 if err == 0 else math.inf)
     out[f"{SHARED_GRAD_COSINE}/{name}"] = sum(cosines) / len(cosines) if cosines else math.nan
     return out
@@ -184,13 +222,14 @@ def pack(
     grad_scale: Tensor | None = None,
 ) -> tuple[Tensor, StatsLayout]:
     """Partial sums of ``named_params`` and their layout (the first half of :func:`parameter_statistics`)."""
-    weights = [(n, p.detach()) for n, p in named_params]
-    grads = [(n, p.grad) for n, p in named_params if p.grad is not None]
+    # sharded (DTensor) parameters: partial sums of the local shards, numel of the whole tensor
+    weights = [(n, local_tensor(p.detach())) for n, p in named_params]
+    grads = [(n, local_tensor(p.grad)) for n, p in named_params if p.grad is not None]
     grad_by_name = dict(grads)
     shared = [(n, uses) for n, uses in contributions.items() if n in grad_by_name and uses]
     layout = StatsLayout(
         weight_names=[n for n, _ in weights],
-        weight_numels=[w.numel() for _, w in weights],
+        weight_numels=[p.numel() for _, p in named_params],
         grad_names=[n for n, _ in grads],
         shared=[(n, list(uses)) for n, uses in shared],
     )

@@ -28,6 +28,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.parameter import UninitializedParameter
 
+from param_monitor import distributed
 from param_monitor.sharing import SharedUseTracker
 from param_monitor.stats import StatsLayout, finalize, pack, to_host
 
@@ -54,6 +55,12 @@ class ParameterWatcher:
 
     Parameters that are still lazy (``UninitializedParameter``) are skipped until they are
     materialized; call :meth:`refresh` after that (the Lightning callback does it for you).
+
+    Several processes: pass ``group`` (e.g. ``param_monitor.distributed.reduction_group()``) to
+    :meth:`compute`/:meth:`pack` on EVERY rank. Under DDP the per-use contributions are averaged
+    over the ranks like ``.grad``; with sharded (FSDP2/DTensor) parameters the partial sums of the
+    local shards are summed (shared-use tracking is then off). One collective either way.
+    ``aggregate_depth`` reports weight/gradient statistics per module (see ``stats.module_group``).
     """
 
     def __init__(
@@ -62,20 +69,33 @@ class ParameterWatcher:
         track_shared: bool = True,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
+        aggregate_depth: int | None = None,
     ) -> None:
         self.module = module
         self.track_shared = track_shared
+        self.aggregate_depth = aggregate_depth
         self._keep = name_filter(include, exclude)
         self.refresh()
 
     def refresh(self) -> None:
         """Re-read the parameter list (after lazy parameters were materialized)."""
+        old = getattr(self, "tracker", None)
+        if old is not None:
+            old.stop()
         self.named_params: list[tuple[str, nn.Parameter]] = [
             (n, p)
             for n, p in self.module.named_parameters()
             if not isinstance(p, UninitializedParameter) and self._keep(n)
         ]
         self.has_lazy = any(isinstance(p, UninitializedParameter) for p in self.module.parameters())
+        self.sharded = any(distributed.is_sharded(p) for _, p in self.named_params)
+        if self.sharded and self.track_shared:
+            # FSDP swaps in unsharded parameters for each forward: the tracker's views never see them.
+            distributed.warn_rank_zero(
+                "`param_monitor`: parameters are sharded (FSDP2/DTensor); per-use tracking of shared "
+                "parameters is switched off (per-tensor statistics still work, summed over the shards)."
+            )
+            self.track_shared = False
         self.tracker = SharedUseTracker(self.module, param_filter=self._keep) if self.track_shared else None
 
     # -- one logged step ------------------------------------------------------------------
@@ -99,24 +119,47 @@ class ParameterWatcher:
         return self.tracker is not None and self.tracker.active
 
     def pack(
-        self, contribution_scale: Tensor | None = None, grad_scale: Tensor | None = None
+        self,
+        contribution_scale: Tensor | None = None,
+        grad_scale: Tensor | None = None,
+        group: distributed.ProcessGroup | None = None,
     ) -> tuple[Tensor, StatsLayout]:
         """Partial sums on the device (consumes the contribution buffers).
 
         ``contribution_scale`` multiplies the contributions first (e.g. AMP's ``1/scale`` when
-        the optimizer's gradients were already unscaled but the hooks saw scaled ones).
+        the optimizer's gradients were already unscaled but the hooks saw scaled ones). With
+        ``group``, the rank-local contributions are averaged over its ranks first (one collective,
+        only if there are any). Sharded partial sums still need :meth:`reduce`.
         """
         contributions = self.tracker.contributions() if self.tracker is not None else {}
+        buffers = [buf for sites in contributions.values() for buf in sites.values()]
         if contribution_scale is not None:
-            for sites in contributions.values():
-                for buf in sites.values():
-                    buf.mul_(contribution_scale)
+            for buf in buffers:
+                buf.mul_(contribution_scale)
+        distributed.average_contributions(buffers, group)
         return pack(self.named_params, contributions, grad_scale)
 
-    def compute(self, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+    def reduce(self, packed: Tensor, layout: StatsLayout, group: distributed.ProcessGroup | None) -> Tensor:
+        """Sum the shards' partial sums over ``group`` (one collective; none unless parameters are sharded).
+
+        Trailing entries appended to ``packed`` after :meth:`pack` (flags) are summed as they are.
+        """
+        if group is None or not self.sharded:
+            return packed
+        world = distributed.dist.get_world_size(group)
+        factors = {n: distributed.replication_factor(p, world) for n, p in self.named_params}
+        weights = distributed.replica_weights(layout, factors, packed.numel())
+        if weights is not None:  # replicated tensors next to sharded ones: count them once
+            packed = packed * weights.to(packed.device)
+        return distributed.all_reduce_sum(packed, group)
+
+    def compute(
+        self, reduce: Callable[[Tensor], Tensor] | None = None, group: distributed.ProcessGroup | None = None
+    ) -> dict[str, float]:
         """Every metric of this step in one transfer; then the hooks are removed."""
-        packed, layout = self.pack()
+        packed, layout = self.pack(group=group)
+        packed = self.reduce(packed, layout, group)
         if reduce is not None:
             packed = reduce(packed)
         self.end_step()
-        return finalize(to_host(packed), layout)
+        return finalize(to_host(packed), layout, self.aggregate_depth)

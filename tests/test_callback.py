@@ -1,0 +1,545 @@
+"""ParameterMonitor in a real Trainer, values read back from the real event files.
+
+Oracles are independent of the monitor: gradients the LightningModule records itself in
+``on_before_optimizer_step``, and per-use contributions from a functional re-run of the same
+forward pass where every use gets its OWN copy of the shared weights (``torch.autograd.grad``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.nn.parameter import UninitializedParameter
+from torch.utils.data import DataLoader, TensorDataset
+
+from param_monitor import ParameterMonitor
+from tests.conftest import read_scalars
+
+TOL = 1e-5
+
+
+def loader(n: int = 32, features: int = 4, classes: int = 3, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, features, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def fit(
+    module: pl.LightningModule,
+    tmp_path: Path,
+    monitor: ParameterMonitor | None = None,
+    data: DataLoader | None = None,
+    **trainer_kwargs: object,
+) -> tuple[pl.Trainer, dict[str, dict[int, float]]]:
+    kwargs: dict = dict(
+        max_steps=4,
+        log_every_n_steps=1,
+        logger=TensorBoardLogger(str(tmp_path), name="tb"),
+        callbacks=[monitor or ParameterMonitor()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    kwargs.update(trainer_kwargs)
+    trainer = pl.Trainer(**kwargs)
+    trainer.fit(module, data or loader())
+    return trainer, read_scalars(trainer.logger.log_dir) if trainer.logger else {}
+
+
+class Recorder(pl.LightningModule):
+    """A LightningModule that records its own gradients and per-use contributions (the oracles).
+
+    Subclasses define ``forward_uses(x, weights)``: the forward pass where each use of a shared
+    parameter reads its own entry of ``weights`` (``{site: {param name: tensor}}``), and
+    ``shared_sites``: ``{param name: [sites]}``.
+    """
+
+    shared_sites: dict[str, list[str]] = {}
+
+    def __init__(self, lr: float = 0.1) -> None:
+        super().__init__()
+        self.lr = lr
+        self.grads: dict[int, dict[str, torch.Tensor]] = {}
+        self.uses: dict[int, dict[tuple[str, str], torch.Tensor]] = {}
+        self.poison_steps: set[int] = set()
+
+    def loss_fn(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, y)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        self._record_uses(x, y, step)
+        loss = self.loss_fn(self(x), y)
+        if step in self.poison_steps:
+            loss = loss * float("nan")
+        self.log("train_loss", loss)
+        return loss
+
+    def _record_uses(self, x: torch.Tensor, y: torch.Tensor, step: int) -> None:
+        params = dict(self.named_parameters())
+        if not self.shared_sites or any(isinstance(p, UninitializedParameter) for p in params.values()):
+            return
+        # each site gets its own detached copy of every shared parameter it uses
+        per_site: dict[str, dict[str, torch.Tensor]] = {}
+        for name, sites in self.shared_sites.items():
+            for site in sites:
+                per_site.setdefault(site, {})[name] = params[name].detach().clone().requires_grad_()
+        with torch.enable_grad():
+            loss = self.loss_fn(self.forward_uses(x, per_site), y) / self.trainer.accumulate_grad_batches
+            flat = [(site, name, t) for site, d in per_site.items() for name, t in d.items()]
+            grads = torch.autograd.grad(loss, [t for _, _, t in flat], allow_unused=True)
+        acc = self.uses.setdefault(step, {})
+        for (site, name, _), g in zip(flat, grads, strict=True):
+            if g is not None:
+                acc[(name, site)] = acc.get((name, site), 0) + g
+
+    def forward_uses(self, x: torch.Tensor, weights: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # runs after the callbacks' hook: the monitor has seen the gradients as they were
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        self.grads[step] = {n: p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
+        if step in self.poison_steps:  # keep the weights finite so that later steps are clean
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.nan_to_num_(0.0, 0.0, 0.0)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class SharedMLP(Recorder):
+    """The exercise's network: the SAME Linear at positions 3 and 6 of an nn.Sequential."""
+
+    shared_sites = {"net.3.weight": ["net.3", "net.6"], "net.3.bias": ["net.3", "net.6"]}
+
+    def __init__(self, lazy: bool = False, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        shared = nn.LazyLinear(8) if lazy else nn.Linear(8, 8)
+        first = nn.LazyLinear(8) if lazy else nn.Linear(4, 8)
+        self.net = nn.Sequential(
+            nn.Flatten(), first, nn.ReLU(), shared, nn.ReLU(), nn.Dropout(0.0), shared, nn.ReLU(), nn.Dropout(0.0),
+            nn.LazyLinear(3) if lazy else nn.Linear(8, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def forward_uses(self, x: torch.Tensor, w: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        h = F.relu(self.net[1](x))
+        h = F.relu(F.linear(h, w["net.3"]["net.3.weight"], w["net.3"]["net.3.bias"]))
+        h = F.relu(F.linear(h, w["net.6"]["net.3.weight"], w["net.6"]["net.3.bias"]))
+        return self.net[9](h)
+
+
+def assert_close(actual: float, expected: float, tol: float = TOL) -> None:
+    assert math.isclose(actual, expected, rel_tol=tol, abs_tol=1e-9), (actual, expected)
+
+
+def check_against_oracle(module: Recorder, scalars: dict[str, dict[int, float]], steps: list[int]) -> None:
+    assert steps, "no logged step to check"
+    for step in steps:
+        grads = module.grads[step]
+        for name, grad in grads.items():
+            assert_close(scalars[f"grad_norm/{name}"][step], grad.norm().item())
+        total = math.sqrt(sum(g.double().square().sum().item() for g in grads.values()))
+        assert_close(scalars["grad_norm_total"][step], total)
+        for (name, site), use in module.uses[step].items():
+            assert_close(scalars[f"shared_grad/{name}/{site}"][step], use.norm().item())
+        for name, sites in module.shared_sites.items():
+            uses = [module.uses[step][(name, s)] for s in sites]
+            assert scalars[f"shared_grad_error/{name}"][step] < 1e-6
+            pairs = [(i, j) for i in range(len(uses)) for j in range(i + 1, len(uses))]
+            cos = [F.cosine_similarity(uses[i].flatten(), uses[j].flatten(), dim=0).item() for i, j in pairs]
+            assert_close(scalars[f"shared_grad_cosine/{name}"][step], sum(cos) / len(cos), 1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# the textbook's toy and the exercise's network
+# --------------------------------------------------------------------------------------------
+class Toy(pl.LightningModule):
+    """Bias-free Linear(1, 1) used twice, weight 3, input 1: output 9, gradient 6 = 3 + 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        shared = nn.Linear(1, 1, bias=False)
+        nn.init.constant_(shared.weight, 3.0)
+        self.net = nn.Sequential(shared, shared)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.net(batch[0]).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_textbook_toy_gradient_is_sum_of_two_uses(tmp_path: Path) -> None:
+    data = DataLoader(TensorDataset(torch.ones(1, 1)), batch_size=1)
+    _, scalars = fit(Toy(), tmp_path, data=data, max_steps=1)
+    assert scalars["grad_norm/net.0.weight"] == {0: 6.0}
+    assert scalars["shared_grad/net.0.weight/net.0"] == {0: 3.0}
+    assert scalars["shared_grad/net.0.weight/net.1"] == {0: 3.0}
+    assert scalars["shared_grad_error/net.0.weight"] == {0: 0.0}
+    assert scalars["shared_grad_cosine/net.0.weight"] == {0: 1.0}
+    assert scalars["weight_mean/net.0.weight"] == {0: 3.0}
+    assert "weight_mean/net.1.weight" not in scalars  # the tied alias is logged once, under its first name
+
+
+def test_exercise_mlp_matches_oracle_and_lightning_steps(tmp_path: Path) -> None:
+    module = SharedMLP()
+    _, scalars = fit(module, tmp_path, max_steps=4)
+    assert sorted(scalars["grad_norm/net.3.weight"]) == sorted(scalars["train_loss"]) == [0, 1, 2, 3]
+    assert {t for t in scalars if t.startswith("shared_grad/net.3.weight/")} == {
+        "shared_grad/net.3.weight/net.3",
+        "shared_grad/net.3.weight/net.6",
+    }
+    check_against_oracle(module, scalars, [0, 1, 2, 3])
+    assert "weight_mean/net.6.weight" not in scalars
+
+
+def test_steps_follow_log_every_n_steps_like_self_log(tmp_path: Path) -> None:
+    module = SharedMLP()
+    _, scalars = fit(module, tmp_path, max_steps=8, log_every_n_steps=3)
+    assert sorted(scalars["grad_norm/net.1.weight"]) == sorted(scalars["train_loss"]) == [2, 5]
+    check_against_oracle(module, scalars, [2, 5])
+
+
+def test_own_frequency_and_no_hooks_on_other_steps(tmp_path: Path) -> None:
+    hooks_seen: dict[int, int] = {}
+
+    class Spy(SharedMLP):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            hooks_seen[self.trainer.fit_loop.epoch_loop._batches_that_stepped] = len(self.net[3]._forward_pre_hooks)
+            return super().forward(x)
+
+    _, scalars = fit(Spy(), tmp_path, ParameterMonitor(log_every_n_steps=2), max_steps=6, log_every_n_steps=50)
+    assert sorted(scalars["grad_norm/net.1.weight"]) == [1, 3, 5]
+    # step 0 counts calls once (to name the table's call sites); afterwards only logging steps hook
+    assert {s: n > 0 for s, n in hooks_seen.items()} == {0: True, 1: True, 2: False, 3: True, 4: False, 5: True}
+
+
+def test_tracking_does_not_change_the_model() -> None:
+    from param_monitor import ParameterWatcher
+
+    torch.manual_seed(0)
+    plain, tracked = SharedMLP(), SharedMLP()
+    tracked.load_state_dict(plain.state_dict())
+    keys = list(plain.state_dict())
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    watcher = ParameterWatcher(tracked)
+    watcher.start_step()
+    watcher.begin_forward()
+    out_plain, out_tracked = plain(x), tracked(x)
+    assert list(tracked.state_dict()) == keys  # mid-step: views are only in place during a call
+    F.cross_entropy(out_plain, y).backward()
+    F.cross_entropy(out_tracked, y).backward()
+    metrics = watcher.compute()
+    assert torch.equal(out_plain, out_tracked)
+    for (n, p), (_, q) in zip(plain.named_parameters(), tracked.named_parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), n
+        assert isinstance(q, nn.Parameter)
+    assert list(tracked.state_dict()) == keys
+    assert tracked.net[3] is tracked.net[6] and isinstance(tracked.net[3].weight, nn.Parameter)
+    assert metrics["shared_grad_error/net.3.weight"] < 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# other kinds of sharing
+# --------------------------------------------------------------------------------------------
+class TiedLM(Recorder):
+    """Tied input/output embeddings: the same tensor used by ``model.wte`` and ``model.lm_head``."""
+
+    shared_sites = {"model.wte.weight": ["model.wte", "model.lm_head"]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.wte = nn.Embedding(11, 6)
+        self.model.mix = nn.Linear(6, 6)
+        self.model.lm_head = nn.Linear(6, 11, bias=False)
+        self.model.lm_head.weight = self.model.wte.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(torch.tanh(self.model.mix(self.model.wte(x))))
+
+    def forward_uses(self, x: torch.Tensor, w: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        h = torch.tanh(self.model.mix(F.embedding(x, w["model.wte"]["model.wte.weight"])))
+        return F.linear(h, w["model.lm_head"]["model.wte.weight"])
+
+
+def test_tied_embeddings(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    data = DataLoader(TensorDataset(torch.randint(0, 11, (32,), generator=g), torch.randint(0, 11, (32,), generator=g)),
+                      batch_size=8)
+    module = TiedLM()
+    _, scalars = fit(module, tmp_path, data=data)
+    check_against_oracle(module, scalars, [0, 1, 2, 3])
+    assert "grad_norm/model.lm_head.weight" not in scalars
+
+
+class LoopedBlock(Recorder):
+    """One block run three times in a loop: sites ``block#0``, ``block#1``, ``block#2``."""
+
+    shared_sites = {"block.weight": ["block#0", "block#1", "block#2"], "block.bias": ["block#0", "block#1", "block#2"]}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.block = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for _ in range(3):
+            h = torch.tanh(self.block(h))
+        return self.out(h)
+
+    def forward_uses(self, x: torch.Tensor, w: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        h = self.inp(x)
+        for k in range(3):
+            h = torch.tanh(F.linear(h, w[f"block#{k}"]["block.weight"], w[f"block#{k}"]["block.bias"]))
+        return self.out(h)
+
+
+def test_block_looped_three_times(tmp_path: Path) -> None:
+    module = LoopedBlock()
+    _, scalars = fit(module, tmp_path)
+    check_against_oracle(module, scalars, [0, 1, 2, 3])
+    # three uses: the cosine is the mean of the three pairwise cosines
+    uses = [module.uses[2][("block.weight", f"block#{k}")].flatten() for k in range(3)]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    expected = sum(F.cosine_similarity(uses[i], uses[j], dim=0).item() for i, j in pairs) / 3
+    assert_close(scalars["shared_grad_cosine/block.weight"][2], expected, 1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# the state of the gradients: accumulation, AMP, NaN, frozen, lazy
+# --------------------------------------------------------------------------------------------
+def test_gradient_accumulation_logs_once_per_optimizer_step(tmp_path: Path) -> None:
+    module = SharedMLP()
+    _, scalars = fit(module, tmp_path, max_steps=3, accumulate_grad_batches=2, data=loader(n=48, batch_size=8))
+    assert sorted(scalars["grad_norm/net.3.weight"]) == [0, 1, 2]
+    # the oracle summed each use over both micro-batches; the module recorded the accumulated grad
+    check_against_oracle(module, scalars, [0, 1, 2])
+
+
+def test_16_mixed_logs_unscaled_values_and_skips_overflow(tmp_path: Path) -> None:
+    from lightning.pytorch.plugins import MixedPrecision
+
+    module = SharedMLP()
+    module.poison_steps = {2}  # a NaN loss: GradScaler skips that step
+    trainer, scalars = fit(module, tmp_path, max_steps=5, plugins=[MixedPrecision("16-mixed", "cpu")])
+    scaler = trainer.precision_plugin.scaler
+    assert scaler is not None and scaler.get_scale() > 1  # the gradients at backward were really scaled
+    for step in (0, 1, 3):
+        for name, grad in module.grads[step].items():  # Lightning unscales before on_before_optimizer_step
+            assert_close(scalars[f"grad_norm/{name}"][step], grad.norm().item())
+        for name in ("net.3.weight", "net.3.bias"):
+            assert scalars[f"shared_grad_error/{name}"][step] < 1e-3  # the uses' sum is unscaled too
+            total = scalars[f"grad_norm/{name}"][step]
+            parts = [scalars[f"shared_grad/{name}/{s}"][step] for s in ("net.3", "net.6")]
+            assert max(parts) <= total * 1.001 + sum(parts)  # same scale as the total, not 65536x
+            assert sum(parts) >= total * 0.999
+    assert 2 not in scalars["grad_norm/net.3.weight"]  # the skipped step is not logged as garbage
+    assert 2 not in scalars["shared_grad/net.3.weight/net.3"]
+    assert 2 in scalars["weight_mean/net.3.weight"]  # the weights are still real
+
+
+def test_nan_without_scaler_is_logged_and_warned_once(tmp_path: Path) -> None:
+    module = SharedMLP()
+    module.poison_steps = {1, 2}
+    with pytest.warns(UserWarning, match=r"non-finite.*step 1.*net\.1\.weight") as record:
+        _, scalars = fit(module, tmp_path, max_steps=3)
+    assert sum("non-finite" in str(w.message) for w in record) == 1
+    assert math.isnan(scalars["grad_norm/net.1.weight"][1])
+    assert math.isfinite(scalars["grad_norm/net.1.weight"][0])
+
+
+def test_raise_on_nonfinite(tmp_path: Path) -> None:
+    from param_monitor import NonFiniteGradientError
+
+    module = SharedMLP()
+    module.poison_steps = {1}
+    with pytest.raises(NonFiniteGradientError, match="step 1"):
+        fit(module, tmp_path, ParameterMonitor(raise_on_nonfinite=True), max_steps=3)
+
+
+def test_check_finite_every_step_sees_nan_between_logging_steps(tmp_path: Path) -> None:
+    module = SharedMLP()
+    module.poison_steps = {1}
+    monitor = ParameterMonitor(log_every_n_steps=4, check_finite_every_step=True)
+    with pytest.warns(UserWarning, match="did not log"):
+        fit(module, tmp_path, monitor, max_steps=4)
+    # and without the opt-in check, nothing is seen
+    module = SharedMLP()
+    module.poison_steps = {1}
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fit(module, tmp_path / "b", ParameterMonitor(log_every_n_steps=4), max_steps=4)
+    assert not [w for w in record if "non-finite" in str(w.message)]
+
+
+def test_frozen_and_unused_parameters_get_weight_stats_only(tmp_path: Path) -> None:
+    class Partly(SharedMLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net[1].requires_grad_(False)
+            self.unused = nn.Linear(2, 2)
+
+    module = Partly()
+    _, scalars = fit(module, tmp_path, max_steps=2)
+    for name in ("net.1.weight", "unused.weight"):
+        param = dict(module.named_parameters())[name]
+        assert f"grad_norm/{name}" not in scalars
+        assert_close(scalars[f"weight_mean/{name}"][1], param.detach().mean().item())
+        assert_close(scalars[f"weight_norm/{name}"][1], param.detach().norm().item())
+    check_against_oracle(module, scalars, [0, 1])
+
+
+def test_lazy_parameters_materialized_during_fit(tmp_path: Path) -> None:
+    module = SharedMLP(lazy=True)
+    trainer, scalars = fit(module, tmp_path, max_steps=3)
+    # materialized by step 0's forward: per-tensor stats from step 0, shared uses from step 1
+    assert sorted(scalars["grad_norm/net.3.weight"]) == [0, 1, 2]
+    assert sorted(scalars["shared_grad/net.3.weight/net.6"]) == [1, 2]
+    check_against_oracle(module, scalars, [1, 2])
+    from tests.conftest import load_events
+
+    text = load_events(trainer.logger.log_dir).Tensors("param_monitor/parameters/text_summary")
+    table = text[0].tensor_proto.string_val[0].decode()
+    assert "| net.3.weight | 8×8 | 64 | True | net.6.weight | net.3, net.6 |" in table
+
+
+def test_bf16_parameters_accumulate_in_fp32() -> None:
+    from param_monitor import parameter_statistics
+
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(10_000).to(torch.bfloat16))
+    p.grad = torch.randn(10_000).to(torch.bfloat16)
+    metrics = parameter_statistics([("p", p)])
+    exact = p.detach().double()
+    assert_close(metrics["weight_norm/p"], exact.norm().item(), 1e-5)
+    assert_close(metrics["weight_mean/p"], exact.mean().item(), 1e-4)
+    assert_close(metrics["grad_norm/p"], p.grad.double().norm().item(), 1e-5)
+    # what a bf16 result would have been: three significant digits
+    assert abs(p.detach().norm().item() - exact.norm().item()) > 1e-5 * exact.norm().item()
+
+
+# --------------------------------------------------------------------------------------------
+# set-up, loggers, resume, compile, pickling
+# --------------------------------------------------------------------------------------------
+def test_no_logger_is_a_clear_error(tmp_path: Path) -> None:
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match="no logger.*TensorBoardLogger"):
+        fit(SharedMLP(), tmp_path, logger=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"log_every_n_steps": 0}, "positive int"),
+        ({"histogram_every_n_steps": -1}, ">= 0"),
+        ({"include": "net.*"}, "list of glob patterns"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, match: str) -> None:
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match=match):
+        ParameterMonitor(**kwargs)
+
+
+def test_csv_logger_gets_the_same_scalars(tmp_path: Path) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = SharedMLP()
+    trainer, _ = fit(module, tmp_path, max_steps=3, logger=CSVLogger(str(tmp_path), name="csv"))
+    rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
+    logged = {int(r["step"]): r for r in rows if r.get("grad_norm/net.3.weight")}
+    assert sorted(logged) == [0, 1, 2]
+    for step, row in logged.items():
+        assert_close(float(row["grad_norm/net.3.weight"]), module.grads[step]["net.3.weight"].norm().item())
+        assert_close(float(row["shared_grad/net.3.weight/net.6"]),
+                     module.uses[step][("net.3.weight", "net.6")].norm().item())
+
+
+def test_resume_continues_steps_without_duplicates(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.conftest import read_scalar_steps
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(SharedMLP(), tmp_path, max_steps=4, logger=logger, callbacks=[ParameterMonitor(), ckpt],
+        enable_checkpointing=True, data=loader(n=64))
+    module = SharedMLP()
+    trainer = pl.Trainer(max_steps=8, log_every_n_steps=1, logger=TensorBoardLogger(str(tmp_path), name="tb", version=0),
+                         callbacks=[ParameterMonitor()], enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False)
+    trainer.fit(module, loader(n=64), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    steps = read_scalar_steps(trainer.logger.log_dir, "grad_norm/net.3.weight")
+    assert steps == list(range(8))
+    assert read_scalar_steps(trainer.logger.log_dir, "train_loss") == list(range(8))
+    scalars = read_scalars(trainer.logger.log_dir)
+    check_against_oracle(module, scalars, [4, 5, 6, 7])
+
+
+def test_compiled_model_keeps_per_tensor_stats_and_warns(tmp_path: Path) -> None:
+    class Compiled(SharedMLP):
+        shared_sites = {}
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.compile(self.net, backend="eager")
+
+    module = Compiled()
+    with pytest.warns(UserWarning, match="compile"):
+        _, scalars = fit(module, tmp_path, max_steps=2)
+    name = "net._orig_mod.3.weight"
+    assert_close(scalars[f"grad_norm/{name}"][1], module.grads[1][name].norm().item())
+    assert not [t for t in scalars if t.startswith("shared_grad")]
+
+
+def test_histograms_and_summary_are_written(tmp_path: Path) -> None:
+    from tests.conftest import load_events
+
+    trainer, _ = fit(SharedMLP(), tmp_path, ParameterMonitor(histogram_every_n_steps=2), max_steps=4)
+    events = load_events(trainer.logger.log_dir)
+    hist = events.Histograms("grad_hist/net.3.weight")
+    assert [h.step for h in hist] == [1, 3]
+    assert "weight_hist/net.1.weight" in events.Tags()["histograms"]
+    assert "param_monitor/parameters/text_summary" in events.Tags()["tensors"]
+
+
+def test_picklable_for_ddp_spawn(tmp_path: Path) -> None:
+    import pickle
+
+    monitor = ParameterMonitor(log_every_n_steps=2, include=["net.*"])
+    fit(SharedMLP(), tmp_path, monitor, max_steps=2)
+    clone = pickle.loads(pickle.dumps(monitor))
+    assert clone.log_every_n_steps == 2 and clone.include == ["net.*"]
+
+
+def test_include_exclude_patterns(tmp_path: Path) -> None:
+    _, scalars = fit(SharedMLP(), tmp_path, ParameterMonitor(include=["net.3.*"], exclude=["*.bias"]), max_steps=1)
+    names = {t.split("/", 1)[1] for t in scalars if t.startswith("weight_mean/")}
+    assert names == {"net.3.weight"}
+    assert "shared_grad/net.3.weight/net.6" in scalars and "shared_grad/net.3.bias/net.6" not in scalars
+
