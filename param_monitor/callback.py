@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
 
-from param_monitor import stats
+from param_monitor import distributed, stats
 from param_monitor.table import format_markdown, parameter_table
 from param_monitor.watcher import ParameterWatcher
 from param_monitor.writers import write_scalars
@@ -29,6 +29,8 @@ from param_monitor.writers import write_scalars
 SUMMARY_TAG = "param_monitor/parameters"
 WEIGHT_HIST = "weight_hist"
 GRAD_HIST = "grad_hist"
+# Σ uses − grad is ~1e-7 in fp32 and ~1e-4 under fp16 autocast; a missed use is O(1).
+UNSEEN_USE_TOLERANCE = 1e-2
 _GRAD_PREFIXES = (stats.GRAD_NORM, stats.SHARED_GRAD)  # also covers grad_norm_total, shared_grad_*
 
 
@@ -54,6 +56,26 @@ class ParameterMonitor(Callback):
     ``shared_grad_cosine/{name}``     mean pairwise cosine between the uses' contributions
     ================================  ===============================================================
 
+    With ``aggregate_depth=k`` the ``weight_*`` and ``grad_norm`` keys name MODULES instead of
+    tensors: ``{name}`` becomes the first ``k`` components of the parameter's module path
+    (``model.blocks.3.attn.weight`` → ``model.blocks.3`` for k=3; a shorter module path whole;
+    a parameter of the LightningModule itself keeps its own name). Over a group's tensors:
+
+    ================================  ===============================================================
+    ``weight_mean/{module}``          Σ values / Σ numel (the mean of all its values, not of means)
+    ``weight_norm/{module}``          sqrt(Σ_tensors ‖w‖²): the norm of all its values as one vector
+    ``grad_norm/{module}``            sqrt(Σ_tensors ‖g‖²) over its tensors that have a gradient
+    ================================  ===============================================================
+
+    ``grad_norm_total`` and the ``shared_grad*`` keys are unchanged (per shared parameter).
+
+    Several processes: under DDP (``ddp``/``ddp_spawn``) the statistics are those of the averaged
+    gradient the optimizer steps on; the per-use contributions, captured before DDP's all-reduce,
+    are averaged over the ranks the same way (one all-reduce per logging step, none otherwise).
+    With sharded parameters (FSDP2 ``fully_shard``/DTensor) each rank sums over its shards and the
+    partial sums are all-reduced once; shared-use tracking is then off (with a warning). Only rank 0
+    writes.
+
     TensorBoard only: the parameter table as text (``param_monitor/parameters``), a custom-scalars
     layout, and, when ``histogram_every_n_steps`` is set, ``weight_hist/{name}`` and
     ``grad_hist/{name}`` histograms.
@@ -71,6 +93,8 @@ class ParameterMonitor(Callback):
         raise_on_nonfinite: raise :class:`NonFiniteGradientError` instead of warning.
         include: glob patterns (``fnmatch``) of parameter names to monitor (default: all).
         exclude: glob patterns of parameter names to leave out.
+        aggregate_depth: report ``weight_*``/``grad_norm`` per module at this depth (see above)
+            instead of per tensor: tens of tags instead of thousands (default: per tensor).
     """
 
     def __init__(
@@ -83,6 +107,7 @@ class ParameterMonitor(Callback):
         raise_on_nonfinite: bool = False,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
+        aggregate_depth: int | None = None,
     ) -> None:
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
             raise MisconfigurationException(
@@ -91,6 +116,10 @@ class ParameterMonitor(Callback):
         if not isinstance(histogram_every_n_steps, int) or histogram_every_n_steps < 0:
             raise MisconfigurationException(
                 f"`histogram_every_n_steps` must be an int >= 0 (0 disables), got {histogram_every_n_steps!r}."
+            )
+        if aggregate_depth is not None and (not isinstance(aggregate_depth, int) or aggregate_depth < 1):
+            raise MisconfigurationException(
+                f"`aggregate_depth` must be a positive int or None (per tensor), got {aggregate_depth!r}."
             )
         for arg, value in (("include", include), ("exclude", exclude)):
             if isinstance(value, str):
@@ -103,6 +132,7 @@ class ParameterMonitor(Callback):
         self.raise_on_nonfinite = raise_on_nonfinite
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else None
+        self.aggregate_depth = aggregate_depth
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
@@ -112,6 +142,7 @@ class ParameterMonitor(Callback):
         self._done_step: int | None = None  # the step already written (several optimizers)
         self._summary_pending = self.log_summary
         self._warned_nonfinite = False
+        self._warned_unseen: set[str] = set()
         self._nonfinite_flag: Tensor | None = None
 
     # -- pickling (ddp_spawn): hooks and module references are not state -----------------
@@ -141,7 +172,18 @@ class ParameterMonitor(Callback):
                 "needs eager module calls and is switched off (per-tensor statistics still work)."
             )
             track = False
-        self._watcher = ParameterWatcher(pl_module, track_shared=track, include=self.include, exclude=self.exclude)
+        self._watcher = ParameterWatcher(
+            pl_module,
+            track_shared=track,
+            include=self.include,
+            exclude=self.exclude,
+            aggregate_depth=self.aggregate_depth,
+        )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The strategy may have replaced the parameters since `setup` (FSDP2's `fully_shard` in `configure_model`).
+        if self._watcher is not None:
+            self._watcher.refresh()
 
     def _should_log(self, step: int) -> bool:
         # same rule as Lightning's logger connector: `(batches_that_stepped + 1) % n == 0`
@@ -224,22 +266,38 @@ class ParameterMonitor(Callback):
                 contribution_scale = inv_scale  # grads unscaled, hooks saw scaled uses
             else:
                 grad_scale = inv_scale.double().square()  # optimizer unscales itself: scale the sums
-        packed, layout = watcher.pack(contribution_scale, grad_scale)
+        group = distributed.reduction_group()  # every rank reaches here on the same steps
+        packed, layout = watcher.pack(contribution_scale, grad_scale, group)
         watcher.end_step()
         flag = self._nonfinite_flag
         if flag is not None:
             packed = torch.cat([packed, flag.to(packed.device, torch.float64).reshape(1)])
             self._nonfinite_flag = None
+        packed = watcher.reduce(packed, layout, group)  # sharded parameters only (and their flags with them)
         values = stats.to_host(packed)
         if flag is not None and values.pop() and not self._warned_nonfinite:
             self._warn_nonfinite("a step that did not log, before this one", [], step=_step(trainer))
-        metrics = stats.finalize(values, layout)
-        return self._handle_nonfinite(metrics, scaler is not None, layout.grad_names, _step(trainer))
+        metrics = stats.finalize(values, layout, self.aggregate_depth)
+        self._warn_unseen_uses(metrics, layout)
+        return self._handle_nonfinite(metrics, scaler is not None, _step(trainer))
 
-    def _handle_nonfinite(
-        self, metrics: dict[str, float], scaled: bool, grad_names: list[str], step: int
-    ) -> dict[str, float]:
-        bad = [n for n in grad_names if not math.isfinite(metrics[f"{stats.GRAD_NORM}/{n}"])]
+    def _warn_unseen_uses(self, metrics: dict[str, float], layout: stats.StatsLayout) -> None:
+        # A use outside any owning module's forward (``x @ self.wte.weight.T`` in a parent module)
+        # reaches the parameter directly: the sites then do not add up to the gradient.
+        for name, _ in layout.shared:
+            error = metrics.get(f"{stats.SHARED_GRAD_ERROR}/{name}", 0.0)
+            if error > UNSEEN_USE_TOLERANCE and name not in self._warned_unseen:
+                self._warned_unseen.add(name)
+                rank_zero_warn(
+                    f"`ParameterMonitor`: the uses seen of shared parameter `{name}` add up to its gradient only "
+                    f"within {error:.2g} (relative): it is also used outside the forward of the modules that own it "
+                    "(e.g. `x @ module.weight.T` in a parent), and that use is not reported as a site."
+                )
+
+    def _handle_nonfinite(self, metrics: dict[str, float], scaled: bool, step: int) -> dict[str, float]:
+        # read from the metrics: with `aggregate_depth` they name modules, not the layout's tensors
+        prefix = f"{stats.GRAD_NORM}/"
+        bad = [k[len(prefix) :] for k, v in metrics.items() if k.startswith(prefix) and not math.isfinite(v)]
         if not bad:
             return metrics
         if scaled:
@@ -264,7 +322,7 @@ class ParameterMonitor(Callback):
     def _update_nonfinite_flag(self, watcher: ParameterWatcher, trainer: pl.Trainer) -> None:
         if _grad_scaler(trainer) is not None:
             return  # the scaler handles overflow by skipping the step
-        grads = [p.grad for _, p in watcher.named_params if p.grad is not None]
+        grads = [distributed.local_tensor(p.grad) for _, p in watcher.named_params if p.grad is not None]
         if not grads:
             return
         bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
@@ -336,4 +394,3 @@ def _is_compiled(module: torch.nn.Module) -> bool:
         if getattr(sub, "_compiled_call_impl", None) is not None:
             return True
     return False
-

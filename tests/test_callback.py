@@ -130,7 +130,15 @@ class SharedMLP(Recorder):
         shared = nn.LazyLinear(8) if lazy else nn.Linear(8, 8)
         first = nn.LazyLinear(8) if lazy else nn.Linear(4, 8)
         self.net = nn.Sequential(
-            nn.Flatten(), first, nn.ReLU(), shared, nn.ReLU(), nn.Dropout(0.0), shared, nn.ReLU(), nn.Dropout(0.0),
+            nn.Flatten(),
+            first,
+            nn.ReLU(),
+            shared,
+            nn.ReLU(),
+            nn.Dropout(0.0),
+            shared,
+            nn.ReLU(),
+            nn.Dropout(0.0),
             nn.LazyLinear(3) if lazy else nn.Linear(8, 3),
         )
 
@@ -281,12 +289,33 @@ class TiedLM(Recorder):
 
 def test_tied_embeddings(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(1)
-    data = DataLoader(TensorDataset(torch.randint(0, 11, (32,), generator=g), torch.randint(0, 11, (32,), generator=g)),
-                      batch_size=8)
+    data = DataLoader(
+        TensorDataset(torch.randint(0, 11, (32,), generator=g), torch.randint(0, 11, (32,), generator=g)), batch_size=8
+    )
     module = TiedLM()
     _, scalars = fit(module, tmp_path, data=data)
     check_against_oracle(module, scalars, [0, 1, 2, 3])
     assert "grad_norm/model.lm_head.weight" not in scalars
+
+
+def test_use_outside_owning_module_shows_in_error_and_warns_once(tmp_path: Path) -> None:
+    class HeadOutsideModule(TiedLM):
+        shared_sites = {}
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.model.mix(self.model.wte(x)))
+            return h @ self.model.lm_head.weight.T  # the parent uses the tied weight itself
+
+    g = torch.Generator().manual_seed(1)
+    data = DataLoader(
+        TensorDataset(torch.randint(0, 11, (32,), generator=g), torch.randint(0, 11, (32,), generator=g)), batch_size=8
+    )
+    with pytest.warns(UserWarning, match="`model.wte.weight`.*outside") as record:
+        _, scalars = fit(HeadOutsideModule(), tmp_path, data=data)
+    assert sum("outside the forward" in str(w.message) for w in record) == 1
+    assert set(scalars["shared_grad_error/model.wte.weight"]) == {0, 1, 2, 3}
+    assert min(scalars["shared_grad_error/model.wte.weight"].values()) > 0.1
+    assert "shared_grad/model.wte.weight/model.wte" in scalars
 
 
 class LoopedBlock(Recorder):
@@ -476,8 +505,9 @@ def test_csv_logger_gets_the_same_scalars(tmp_path: Path) -> None:
     assert sorted(logged) == [0, 1, 2]
     for step, row in logged.items():
         assert_close(float(row["grad_norm/net.3.weight"]), module.grads[step]["net.3.weight"].norm().item())
-        assert_close(float(row["shared_grad/net.3.weight/net.6"]),
-                     module.uses[step][("net.3.weight", "net.6")].norm().item())
+        assert_close(
+            float(row["shared_grad/net.3.weight/net.6"]), module.uses[step][("net.3.weight", "net.6")].norm().item()
+        )
 
 
 def test_resume_continues_steps_without_duplicates(tmp_path: Path) -> None:
@@ -487,12 +517,25 @@ def test_resume_continues_steps_without_duplicates(tmp_path: Path) -> None:
 
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    fit(SharedMLP(), tmp_path, max_steps=4, logger=logger, callbacks=[ParameterMonitor(), ckpt],
-        enable_checkpointing=True, data=loader(n=64))
+    fit(
+        SharedMLP(),
+        tmp_path,
+        max_steps=4,
+        logger=logger,
+        callbacks=[ParameterMonitor(), ckpt],
+        enable_checkpointing=True,
+        data=loader(n=64),
+    )
     module = SharedMLP()
-    trainer = pl.Trainer(max_steps=8, log_every_n_steps=1, logger=TensorBoardLogger(str(tmp_path), name="tb", version=0),
-                         callbacks=[ParameterMonitor()], enable_progress_bar=False, enable_model_summary=False,
-                         enable_checkpointing=False)
+    trainer = pl.Trainer(
+        max_steps=8,
+        log_every_n_steps=1,
+        logger=TensorBoardLogger(str(tmp_path), name="tb", version=0),
+        callbacks=[ParameterMonitor()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(module, loader(n=64), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     steps = read_scalar_steps(trainer.logger.log_dir, "grad_norm/net.3.weight")
     assert steps == list(range(8))
@@ -542,4 +585,3 @@ def test_include_exclude_patterns(tmp_path: Path) -> None:
     names = {t.split("/", 1)[1] for t in scalars if t.startswith("weight_mean/")}
     assert names == {"net.3.weight"}
     assert "shared_grad/net.3.weight/net.6" in scalars and "shared_grad/net.3.bias/net.6" not in scalars
-
