@@ -226,7 +226,8 @@ class ParameterMonitor(Callback):
         if self._summary_pending:
             self._write_summary(trainer, pl_module, watcher, step)
         if self._logging_step != step:
-            watcher.end_step()
+            if watcher.tracking:  # the first step's call counting
+                watcher.end_step()
             return
         self._done_step = step
         metrics = self._compute(trainer, watcher, optimizer)
