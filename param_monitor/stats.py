@@ -29,6 +29,7 @@ The toy from the textbook: a bias-free ``Linear(1, 1)`` with weight 3 used twice
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -152,6 +153,11 @@ def finalize(values: Sequence[float], layout: StatsLayout, aggregate_depth: int 
     return metrics
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _cached_group(name: str, depth: int) -> str:  # the same names every logging step
+    return module_group(name, depth)
+
+
 def module_group(name: str, depth: int) -> str:
     """The module a parameter is reported under at ``depth``: the first ``depth`` components of its module path.
 
@@ -168,13 +174,14 @@ def module_group(name: str, depth: int) -> str:
 
 def _group_sums(names: Sequence[str], depth: int, *columns: Sequence[float]) -> tuple[list[str], list[list[float]]]:
     """Add up each column's per-tensor values per module group (first-seen order): sums stay sums."""
-    groups: dict[str, list[list[float]]] = {}
-    for i, name in enumerate(names):
-        cells = groups.setdefault(module_group(name, depth), [[] for _ in columns])
-        for cell, column in zip(cells, columns, strict=True):
-            cell.append(column[i])
-    totals = [[math.fsum(cells[c]) for cells in groups.values()] for c in range(len(columns))]
-    return list(groups), totals
+    keys = [_cached_group(name, depth) for name in names]
+    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    positions = [index[key] for key in keys]
+    totals = [[0.0] * len(index) for _ in columns]
+    for total, column in zip(totals, columns, strict=True):
+        for i, value in zip(positions, column, strict=True):
+            total[i] += value
+    return list(index), totals
 
 
 def _finalize_shared(name: str, sites: list[str], it, grad_norm: float) -> dict[str, float]:  # noqa: ANN001
@@ -223,7 +230,7 @@ def pack(
 ) -> tuple[Tensor, StatsLayout]:
     """Partial sums of ``named_params`` and their layout (the first half of :func:`parameter_statistics`)."""
     # sharded (DTensor) parameters: partial sums of the local shards, numel of the whole tensor
-    weights = [(n, local_tensor(p.detach())) for n, p in named_params]
+    weights = [(n, local_tensor(p).detach()) for n, p in named_params]
     grads = [(n, local_tensor(p.grad)) for n, p in named_params if p.grad is not None]
     grad_by_name = dict(grads)
     shared = [(n, uses) for n, uses in contributions.items() if n in grad_by_name and uses]

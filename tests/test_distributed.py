@@ -1,0 +1,403 @@
+"""More than one process: DDP (Lightning ``ddp_spawn``) and FSDP2 (``fully_shard``), gloo on CPU.
+
+Oracles are single-process and independent of the distributed code paths: the same model trained
+on the concatenated batch (mean loss, as DDP averages), and per-use contributions from an UNTIED
+copy of the model where each use of the shared layer has its own weights (its gradient is that
+use's contribution). Collectives are counted by wrapping ``torch.distributed``'s functions in the
+spawned workers while the monitor's own hooks run.
+
+The aggregation tests at the end are single-process and fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import socket
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from param_monitor import ParameterMonitor, ParameterWatcher
+from param_monitor.distributed import reduction_group
+from param_monitor.stats import finalize, module_group, pack
+from tests.conftest import read_scalars
+
+TOL = 1e-5
+WORLD = 2
+BATCH = 8  # per rank
+STEPS = 4
+LOG_EVERY = 2  # steps 1 and 3 log, 0 and 2 do not
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor", "reduce")
+
+
+# -- helpers --------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def count_collectives() -> Iterator[list[str]]:
+    """Record every ``torch.distributed`` collective called (by name) inside the block."""
+    calls: list[str] = []
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls.append(name)
+            return fn(*args, **kwargs)
+
+        return counted
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield calls
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def shared_net(seed: int = 0) -> nn.Sequential:
+    """The same Linear at positions 2 and 4 (sites ``net.2`` and ``net.4``)."""
+    torch.manual_seed(seed)
+    shared = nn.Linear(6, 6)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(6, 3))
+
+
+def untied(net: nn.Sequential) -> nn.Sequential:
+    """A copy where the second use of the shared layer has its own (equal) weights."""
+    twin = copy.deepcopy(net)
+    twin[4] = copy.deepcopy(twin[2])
+    return twin
+
+
+def dataset(n: int, seed: int = 1) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def rel_close(got: float, want: float, tol: float = TOL) -> bool:
+    return math.isclose(got, want, rel_tol=tol, abs_tol=tol * 1e-2)
+
+
+def assert_metrics_close(got: dict[str, float], want: dict[str, float], keys: list[str] | None = None) -> None:
+    keys = keys if keys is not None else sorted(want)
+    missing = [k for k in keys if k not in got]
+    assert not missing, f"missing: {missing[:5]}"
+    bad = {k: (got[k], want[k]) for k in keys if not rel_close(got[k], want[k])}
+    assert not bad, f"{len(bad)} differ, e.g. {list(bad.items())[:3]}"
+
+
+# -- DDP through Lightning ------------------------------------------------------------------
+class SharedClassifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = shared_net()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def train_dataloader(self) -> DataLoader:
+        # Lightning's own sampler shuffles training data; without shuffling rank r gets rows r, r+2, ...
+        # so a step's two batches are 16 consecutive rows. Built here: the process group exists by now.
+        data = dataset(WORLD * BATCH * STEPS)
+        sampler = DistributedSampler(data, shuffle=False) if dist.is_initialized() else None
+        return DataLoader(data, batch_size=BATCH, sampler=sampler)
+
+
+class CountingMonitor(ParameterMonitor):
+    """Counts the collectives issued inside the monitor's per-step hooks; each rank writes its counts."""
+
+    def __init__(self, out_dir: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.out_dir = out_dir
+        self.counts: dict[int, int] = {}
+
+    def _counted(self, trainer: pl.Trainer, hook: Callable[[], None]) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        with count_collectives() as calls:
+            hook()
+        self.counts[step] = self.counts.get(step, 0) + len(calls)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._counted(trainer, lambda: super(CountingMonitor, self).on_train_batch_start(trainer, *args))
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._counted(trainer, lambda: super(CountingMonitor, self).on_before_optimizer_step(trainer, *args))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self._counted(trainer, lambda: super(CountingMonitor, self).on_train_batch_end(trainer, *args))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        path = Path(self.out_dir) / f"counts_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.counts))
+
+
+def single_process_reference(steps: int) -> dict[int, dict[str, float]]:
+    """Full-batch training (2 ranks x BATCH per step, mean loss), metrics from independent oracles."""
+    net = shared_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    data = dataset(WORLD * BATCH * steps)
+    out: dict[int, dict[str, float]] = {}
+    for step in range(steps):
+        x, y = data[step * WORLD * BATCH : (step + 1) * WORLD * BATCH]
+        if (step + 1) % LOG_EVERY == 0:
+            out[step] = oracle_metrics(net, x, y)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    return out
+
+
+def oracle_metrics(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Per-tensor norms from the tied model's gradients; per-use contributions from the untied copy."""
+    twin = untied(net)
+    F.cross_entropy(twin(x), y).backward()
+    metrics: dict[str, float] = {}
+    for local in ("weight", "bias"):
+        uses = [getattr(twin[i], local).grad.double() for i in (2, 4)]
+        name = f"net.2.{local}"
+        metrics[f"shared_grad/{name}/net.2"] = uses[0].norm().item()
+        metrics[f"shared_grad/{name}/net.4"] = uses[1].norm().item()
+        metrics[f"shared_grad_cosine/{name}"] = F.cosine_similarity(uses[0].flatten(), uses[1].flatten(), 0).item()
+        metrics[f"grad_norm/{name}"] = (uses[0] + uses[1]).norm().item()
+    for i in (0, 5):
+        for local in ("weight", "bias"):
+            p = getattr(twin[i], local)
+            metrics[f"grad_norm/net.{i}.{local}"] = p.grad.double().norm().item()
+            metrics[f"weight_norm/net.{i}.{local}"] = p.detach().double().norm().item()
+            metrics[f"weight_mean/net.{i}.{local}"] = p.detach().double().mean().item()
+    return metrics
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_matches_single_process_and_issues_one_collective_per_logging_step(tmp_path: Path) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(free_port())
+    monitor = CountingMonitor(str(tmp_path), log_every_n_steps=LOG_EVERY)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy="ddp_spawn",
+        max_steps=STEPS,
+        logger=TensorBoardLogger(str(tmp_path), name="", version="run"),
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(SharedClassifier())
+
+    logged = read_scalars(tmp_path / "run")
+    reference = single_process_reference(STEPS)
+    for step, want in reference.items():
+        got = {tag: values[step] for tag, values in logged.items() if step in values}
+        assert_metrics_close(got, want)
+        assert got["shared_grad_error/net.2.weight"] < 1e-5
+    assert set(next(iter(logged.values()))) == set(reference), "logged on other steps than expected"
+    for rank in range(WORLD):
+        counts = json.loads((tmp_path / f"counts_rank{rank}.json").read_text())
+        assert counts == {"0": 0, "1": 1, "2": 0, "3": 1}, f"rank {rank}: {counts}"
+
+
+# -- FSDP2 with the framework-free watcher --------------------------------------------------
+def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        mesh = init_device_mesh("cpu", (WORLD,))
+        results = {
+            "whole": _fsdp_case(rank, mesh, fully_shard, shard=lambda net: [net], same_data=False),
+            # only some layers sharded: the plain ones are replicated and must be counted once
+            "partial": _fsdp_case(rank, mesh, fully_shard, shard=lambda net: [net[0], net[2]], same_data=True),
+        }
+        Path(out_dir, f"fsdp_rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_case(
+    rank: int,
+    mesh: Any,
+    fully_shard: Callable[..., Any],
+    shard: Callable[[nn.Sequential], list[nn.Module]],
+    same_data: bool,
+) -> dict[str, Any]:
+    # Odd sizes (7 rows over 2 ranks) so that the shards are uneven.
+    torch.manual_seed(0)
+    shared = nn.Linear(7, 7)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(7, 3))
+    reference = copy.deepcopy(net)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(2 * BATCH, 5, generator=g), torch.randint(0, 3, (2 * BATCH,), generator=g)
+    F.cross_entropy(reference(x), y).backward()
+    want = ParameterWatcher(reference, track_shared=False).compute()
+
+    for module in shard(net):
+        fully_shard(module, mesh=mesh)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watcher = ParameterWatcher(net, track_shared=True, aggregate_depth=1)
+    local = slice(None) if same_data else slice(rank * BATCH, (rank + 1) * BATCH)
+    watcher.start_step()
+    watcher.begin_forward()
+    F.cross_entropy(net(x[local]), y[local]).backward()
+    with count_collectives() as calls:
+        packed, layout = watcher.pack(group=reduction_group())
+        packed = watcher.reduce(packed, layout, reduction_group())
+    watcher.end_step()
+    values = packed.tolist()
+    return {
+        "want": want,
+        "got": finalize(values, layout),
+        "got_by_module": finalize(values, layout, aggregate_depth=1),
+        "want_by_module": _by_module(reference),
+        "collectives": calls,
+        "warnings": [str(w.message) for w in caught if "sharded" in str(w.message)],
+        "tracking": watcher.tracker is not None,
+    }
+
+
+def _by_module(net: nn.Module) -> dict[str, float]:
+    packed, layout = pack(list(net.named_parameters()), {})
+    return finalize(packed.tolist(), layout, aggregate_depth=1)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp2_local_shards_match_the_unsharded_model(tmp_path: Path) -> None:
+    mp.spawn(_fsdp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD)
+    for rank in range(WORLD):
+        results = json.loads((tmp_path / f"fsdp_rank{rank}.json").read_text())
+        for case, r in results.items():
+            assert r["got"].keys() == r["want"].keys(), case
+            assert_metrics_close(r["got"], r["want"])
+            assert_metrics_close(r["got_by_module"], r["want_by_module"])
+            assert r["collectives"] == ["all_reduce"], f"{case}: {r['collectives']}"
+            assert not r["tracking"]
+            # one warning, from rank 0 only
+            assert len(r["warnings"]) == (1 if rank == 0 else 0), f"{case} rank {rank}: {r['warnings']}"
+
+
+# -- aggregation per module (single process, fast) ------------------------------------------
+class Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(3, 2) for _ in range(2))
+        self.head = nn.Linear(2, 1, bias=False)
+        self.scale = nn.Parameter(torch.tensor([2.0]))
+
+
+def constant_blocks() -> Blocks:
+    """Block i: weight filled with i+1, bias with -(i+1); gradients 0.5x the weights; head weight 4."""
+    model = Blocks()
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            block.weight.fill_(i + 1)
+            block.bias.fill_(-(i + 1))
+            block.weight.grad = torch.full_like(block.weight, 0.5 * (i + 1))
+            block.bias.grad = torch.full_like(block.bias, -0.5 * (i + 1))
+        model.head.weight.fill_(4.0)
+    return model
+
+
+def test_aggregate_depth_closed_form() -> None:
+    watcher = ParameterWatcher(constant_blocks(), track_shared=False, aggregate_depth=2)
+    metrics = watcher.compute()
+    for i in range(2):
+        c = i + 1  # 6 weights equal to c, 2 biases equal to -c
+        assert metrics[f"weight_norm/blocks.{i}"] == pytest.approx(math.sqrt(8 * c * c))
+        assert metrics[f"weight_mean/blocks.{i}"] == pytest.approx((6 * c - 2 * c) / 8)
+        assert metrics[f"grad_norm/blocks.{i}"] == pytest.approx(0.5 * math.sqrt(8 * c * c))
+    assert metrics["weight_norm/head"] == pytest.approx(math.sqrt(2 * 16))
+    assert metrics["weight_mean/head"] == pytest.approx(4.0)
+    assert metrics["weight_mean/scale"] == pytest.approx(2.0)  # a root parameter is its own group
+    assert "grad_norm/head" not in metrics  # no gradient in the group
+    assert metrics["grad_norm_total"] == pytest.approx(0.5 * math.sqrt(8 + 8 * 4))
+    assert sorted(k for k in metrics if k.startswith("weight_norm/")) == [
+        "weight_norm/blocks.0",
+        "weight_norm/blocks.1",
+        "weight_norm/head",
+        "weight_norm/scale",
+    ]
+
+
+def test_aggregate_depth_1_and_deeper_than_the_tree() -> None:
+    shallow = ParameterWatcher(constant_blocks(), track_shared=False, aggregate_depth=1).compute()
+    # blocks: 12 weights (1 and 2) and 4 biases (-1 and -2): sum of squares 6+24+2+8 = 40
+    assert shallow["weight_norm/blocks"] == pytest.approx(math.sqrt(40))
+    assert shallow["weight_mean/blocks"] == pytest.approx((6 + 12 - 2 - 4) / 16)
+    deep = ParameterWatcher(constant_blocks(), track_shared=False, aggregate_depth=9).compute()
+    assert deep["weight_norm/blocks.1"] == pytest.approx(math.sqrt(8 * 4))  # module paths used whole
+    assert module_group("blocks.1.weight", 9) == "blocks.1"
+
+
+def test_aggregate_depth_keeps_shared_metrics_per_parameter() -> None:
+    net = shared_net()
+    watcher = ParameterWatcher(net, aggregate_depth=1)
+    watcher.start_step()
+    watcher.begin_forward()
+    x, y = dataset(16)[:]
+    F.cross_entropy(net(x), y).backward()
+    metrics = watcher.compute()
+    assert {k for k in metrics if k.startswith("grad_norm")} == {
+        "grad_norm/0",
+        "grad_norm/2",
+        "grad_norm/5",
+        "grad_norm_total",
+    }
+    assert metrics["shared_grad_error/2.weight"] < 1e-6
+    assert "shared_grad/2.weight/2" in metrics and "shared_grad/2.weight/4" in metrics
+
+
+def test_callback_aggregates_and_rejects_bad_depth(tmp_path: Path) -> None:
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException):
+        ParameterMonitor(aggregate_depth=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        log_every_n_steps=1,
+        logger=TensorBoardLogger(str(tmp_path), name="", version="run"),
+        callbacks=[ParameterMonitor(aggregate_depth=2)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(SharedClassifier())
+    tags = set(read_scalars(tmp_path / "run"))
+    assert {t for t in tags if t.startswith("grad_norm")} == {
+        "grad_norm/net.0",
+        "grad_norm/net.2",
+        "grad_norm/net.5",
+        "grad_norm_total",
+    }
+    assert "shared_grad/net.2.weight/net.4" in tags
