@@ -287,7 +287,8 @@ class ParameterMonitor(Callback):
         # reaches the parameter directly: the sites then do not add up to the gradient.
         for name, _ in layout.shared:
             error = metrics.get(f"{stats.SHARED_GRAD_ERROR}/{name}", 0.0)
-            if error > UNSEEN_USE_TOLERANCE and name not in self._warned_unseen:
+            # a NaN/inf gradient makes the error meaningless: the non-finite warning covers it
+            if math.isfinite(error) and error > UNSEEN_USE_TOLERANCE and name not in self._warned_unseen:
                 self._warned_unseen.add(name)
                 rank_zero_warn(
                     f"`ParameterMonitor`: the uses seen of shared parameter `{name}` add up to its gradient only "
