@@ -141,6 +141,9 @@ class ParameterMonitor(Callback):
         self._logging_step: int | None = None  # the step whose batches are being tracked
         self._done_step: int | None = None  # the step already written (several optimizers)
         self._summary_pending = self.log_summary
+        # the first step counts module calls (no views, no buffers): it names call sites and tells
+        # later logging steps which parameters are shared, so that only those get views
+        self._count_calls_pending = True
         self._warned_nonfinite = False
         self._warned_unseen: set[str] = set()
         self._nonfinite_flag: Tensor | None = None
@@ -198,7 +201,7 @@ class ParameterMonitor(Callback):
             return
         step = _step(trainer)
         logs = self._should_log(step)
-        if not (logs or self._summary_pending):
+        if not (logs or self._summary_pending or self._count_calls_pending):
             return
         if watcher.has_lazy:
             watcher.refresh()
@@ -225,6 +228,8 @@ class ParameterMonitor(Callback):
             self._write_histograms(trainer, watcher, step)
         if self._summary_pending:
             self._write_summary(trainer, pl_module, watcher, step)
+        if watcher.tracker is not None and watcher.tracker.has_seen_forward:
+            self._count_calls_pending = False
         if self._logging_step != step:
             if watcher.tracking:  # the first step's call counting
                 watcher.end_step()
