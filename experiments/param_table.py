@@ -1,0 +1,60 @@
+"""Exercise 1: the parameters of D2L's ``NestMLP`` (and, for contrast, the shared MLP's tied ones).
+
+    python experiments/param_table.py
+
+Lazy layers have no parameters until the first forward pass, so a dummy batch shaped like the
+textbook's (``torch.rand(2, 20)``) materializes them first.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when run as a script
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from experiments.models import IMAGE_SHAPE, NestMLP, SharedMLP, materialize  # noqa: E402
+from param_monitor.sharing import SharedUseTracker  # noqa: E402
+from param_monitor.table import format_markdown, parameter_table  # noqa: E402
+
+#: The textbook's input for NestMLP: a batch of 20 features.
+NEST_INPUT_SHAPE = (20,)
+
+
+def table(module: nn.Module, input_shape: tuple[int, ...]) -> str:
+    """Markdown table of ``module`` after a dummy forward, with the call sites that forward used."""
+    materialize(module, input_shape)
+    tracker = SharedUseTracker(module)
+    tracker.start(capture=False)  # only count calls, to name each parameter's call sites
+    tracker.begin_forward()
+    module(torch.zeros(1, *input_shape))  # with autograd on: the tracker ignores no-grad (eval) passes
+    tracker.stop()
+    return format_markdown(parameter_table(module, tracker.call_sites()))
+
+
+def nest_mlp_table() -> str:
+    """Markdown table of a materialized ``NestMLP``."""
+    return table(NestMLP(), NEST_INPUT_SHAPE)
+
+
+def shared_mlp_table() -> str:
+    """Markdown table of the shared MLP: its shared layer shows up once, with an alias and two call sites."""
+    return table(SharedMLP(), IMAGE_SHAPE)
+
+
+def main() -> None:
+    """Print both tables, and the names the textbook lists for ``model.net.named_parameters()``."""
+    model = materialize(NestMLP(), NEST_INPUT_SHAPE)
+    print("NestMLP: [name for name, param in model.net.named_parameters()]")
+    print([name for name, _ in model.net.named_parameters()])
+    print("\nNestMLP, every parameter (materialized with a 2x20 dummy batch):")
+    print(nest_mlp_table())
+    print("\nSharedMLP (net.3 and net.6 are one layer):")
+    print(shared_mlp_table())
+
+
+if __name__ == "__main__":
+    main()

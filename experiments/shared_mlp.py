@@ -1,0 +1,63 @@
+"""Train the shared-layer MLP on FashionMNIST with ParameterMonitor (D2L 6.2, exercise 2).
+
+    python experiments/shared_mlp.py                                  # the textbook's default run
+    python experiments/shared_mlp.py --config configs/untied_mlp.yaml --trainer.max_epochs 2
+    python experiments/shared_mlp.py fit --data.data_dir /tmp/data    # explicit subcommand also works
+
+With no subcommand it fits. Afterwards it prints the final validation accuracy, the tied/untied
+parameter counts, the path of ``summary.png`` (a plot of the run's TensorBoard scalars) and the
+``tensorboard`` command that shows the run. Other subcommands (``validate`` ...) run plain LightningCLI.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+# Run as a script, only experiments/ is on sys.path; the repo root holds `experiments` and `param_monitor`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.cli import SUBCOMMANDS, RunResult, build_cli, train  # noqa: E402
+from experiments.models import SharedMLP, count_parameters, materialize  # noqa: E402
+from experiments.plots import plot_summary  # noqa: E402
+
+
+def tied_untied_counts(model: SharedMLP) -> tuple[int, int]:
+    """Unique parameter counts of ``model``'s architecture with the shared layer tied and untied."""
+    counts = []
+    for tied in (True, False):
+        twin = SharedMLP(model.num_outputs, model.num_hiddens, model.num_shared_uses, model.dropout, tied)
+        counts.append(count_parameters(materialize(twin)))
+    return counts[0], counts[1]
+
+
+def report(result: RunResult) -> None:
+    """Print accuracy, tied/untied parameter counts, the summary plot and the TensorBoard command."""
+    print(f"\nfinal val_acc: {result.val_acc:.4f}   unique parameters: {result.num_parameters}")
+    net = getattr(result.cli.model, "model", None)
+    if isinstance(net, SharedMLP) and net.num_shared_uses > 1:
+        tied, untied = tied_untied_counts(net)
+        print(
+            f"this run is {'tied' if net.tied else 'untied'}; this network has {tied} unique parameters tied,"
+            f" {untied} untied ({untied - tied} more).\n"
+            "accuracy of both, same seed: python experiments/compare_tied.py"
+        )
+    if result.log_dir is not None:
+        print(f"summary plot: {plot_summary(result.log_dir)}")
+        print(f"to browse the run:  tensorboard --logdir {result.log_dir}")
+
+
+def main(argv: Sequence[str] | None = None) -> RunResult | None:
+    """Fit with the CLI (``argv`` defaults to ``sys.argv[1:]``, ``fit`` optional) and report."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in SUBCOMMANDS and arg != "fit" for arg in args):
+        build_cli(args)  # validate/test/predict: plain LightningCLI behaviour, nothing to report
+        return None
+    result = train([arg for arg in args if arg != "fit"])
+    report(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""The LightningCLI entry points: every config instantiates, and short end-to-end runs on fake IDX data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from exp_fake_data import FakeFashionMNIST
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from experiments import compare_tied, multi_seed, param_table, shared_mlp
+from experiments.cli import QUIET_TRAINER_ARGS, build_cli, with_subcommand
+from experiments.data import RAW_FILES, SYSTEM_DIR, SYSTEM_DIR_ENV, raw_dir
+from experiments.models import SharedMLP
+from experiments.plain import Splits, train_plain
+from experiments.seeds import spread, train_seed
+from param_monitor import ParameterMonitor
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+# Fake data: 64 train / 32 test images, so batch 16 gives 4 training steps per epoch.
+SMALL = ("--data.batch_size=16", "--trainer.log_every_n_steps=1")
+
+
+def tags(log_dir: Path) -> set[str]:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_with_subcommand() -> None:
+    assert with_subcommand([]) == ["fit"]
+    assert with_subcommand(["--config", "c.yaml"]) == ["fit", "--config", "c.yaml"]
+    assert with_subcommand(["--config", "c.yaml", "validate"]) == ["--config", "c.yaml", "validate"]
+    assert with_subcommand(["--help"]) == ["--help"]
+
+
+def test_configs_exist() -> None:
+    assert {p.name for p in CONFIGS} >= {"shared_mlp.yaml", "untied_mlp.yaml", "quick.yaml"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_parses_and_instantiates(config: Path, in_tmp_cwd: Path) -> None:
+    cli = build_cli(["--config", str(config), "--trainer.max_steps=2"], run=False)
+    assert cli.trainer.max_steps == 2
+    net = cli.model.model
+    assert isinstance(net, SharedMLP) and net.num_hiddens == 8 and net.num_shared_uses == 2
+    assert (net.net[3] is net.net[6]) == (config.name != "untied_mlp.yaml")
+    assert cli.model.lr == 0.1 and cli.datamodule.batch_size == 256
+    assert any(isinstance(cb, ParameterMonitor) for cb in cli.trainer.callbacks)
+    assert cli.trainer.logger.save_dir == "lightning_logs"
+    if config.name == "quick.yaml":
+        assert (cli.trainer.max_epochs, cli.trainer.limit_train_batches) == (1, 100)
+        assert cli.trainer.checkpoint_callback is None
+    else:
+        assert cli.trainer.max_epochs == 10 and cli.config["seed_everything"] == 0
+        assert cli.config["torch_threads"] == 1
+
+
+def test_defaults_are_the_textbook_run(in_tmp_cwd: Path) -> None:
+    cli = build_cli([], run=False)
+    assert cli.config["seed_everything"] == 0 and cli.trainer.max_epochs == 10
+    assert cli.trainer.logger.name == "shared_mlp" and cli.trainer.logger.save_dir == "lightning_logs"
+    assert [type(cb) for cb in cli.trainer.callbacks if isinstance(cb, ParameterMonitor)] == [ParameterMonitor]
+    assert cli.trainer.progress_bar_callback is not None
+    assert isinstance(cli.model.model, SharedMLP) and cli.model.model.tied and cli.model.lr == 0.1
+    assert cli.config["torch_threads"] == 1 and torch.get_num_threads() == 1
+    quiet = build_cli(list(QUIET_TRAINER_ARGS), run=False)
+    assert quiet.trainer.logger is None and not any(isinstance(c, ParameterMonitor) for c in quiet.trainer.callbacks)
+
+
+def test_end_to_end_fake_data(
+    fake_system_env: FakeFashionMNIST, in_tmp_cwd: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No subcommand = fit; the offline lookup decompresses the fake files; the monitor's tags land in
+    the run's event file; summary.png and the tensorboard command are reported."""
+    data_dir = in_tmp_cwd / "data"
+    result = shared_mlp.main(
+        [
+            "--config",
+            str(REPO_ROOT / "configs/quick.yaml"),
+            f"--data.data_dir={data_dir}",
+            "--trainer.max_steps=3",
+            *SMALL,
+        ]
+    )
+    assert result is not None and result.cli.trainer.global_step == 3
+    assert sorted(p.name for p in raw_dir(data_dir).iterdir()) == sorted(RAW_FILES)
+    # the final model was validated on the 32 fake test images: accuracy is a multiple of 1/32
+    assert 0.0 <= result.val_acc <= 1.0 and (result.val_acc * 32) == pytest.approx(round(result.val_acc * 32))
+    assert result.log_dir == Path("lightning_logs/quick/version_0")
+    logged = tags(result.log_dir)
+    name = "model.net.3.weight"
+    assert {
+        "train_loss",
+        "val_acc",
+        "val_loss",
+        f"weight_mean/{name}",
+        f"grad_norm/{name}",
+        "grad_norm_total",
+    } <= logged
+    assert {f"shared_grad/{name}/model.net.3", f"shared_grad/{name}/model.net.6"} <= logged
+    assert {"num_parameters"} <= logged and "num_parameters: 6442" in (result.log_dir / "hparams.yaml").read_text()
+    assert (result.log_dir / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    out = capsys.readouterr().out
+    assert f"tensorboard --logdir {result.log_dir}" in out and "6442" in out and "6514" in out
+
+
+def test_fit_subcommand_and_untied(fake_system_env: FakeFashionMNIST, in_tmp_cwd: Path) -> None:
+    result = shared_mlp.main(
+        ["fit", "--config", str(REPO_ROOT / "configs/untied_mlp.yaml"), "--trainer.max_steps=2",
+         "--trainer.enable_progress_bar=false", *SMALL]
+    )  # fmt: skip
+    assert result is not None and result.num_parameters == 6514
+    assert result.cli.model.model.net[3] is not result.cli.model.model.net[6]
+    logged = tags(result.log_dir)
+    assert "weight_mean/model.net.6.weight" in logged  # untied: its own tensor
+    assert not any(t.startswith("shared_grad/") for t in logged)  # and nothing is shared
+
+
+def test_multi_seed_and_compare_tied(
+    fake_system_env: FakeFashionMNIST, in_tmp_cwd: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    summary = multi_seed.main(["--seeds", "2", "--first-seed", "5", "--trainer.max_steps=2", *SMALL])
+    assert summary.n == 2 and 0.0 <= summary.minimum <= summary.median <= summary.maximum <= 1.0
+    out = capsys.readouterr().out
+    assert "seed    5:" in out and "seed    6:" in out and "over 2 seeds" in out
+    results = compare_tied.main(["--seeds", "1", "--trainer.max_steps=2", *SMALL])
+    assert [r.num_parameters for r in results["tied"]] == [6442]
+    assert [r.num_parameters for r in results["untied"]] == [6514]
+    (run_dir,) = (in_tmp_cwd / "lightning_logs/compare_tied").iterdir()
+    for variant in ("tied", "untied"):
+        assert {"val_acc", "num_parameters"} <= tags(run_dir / f"{variant}_seed0")
+
+
+def test_spread_statistics() -> None:
+    s = spread([0.1, 0.8, 0.82, 0.84, 0.9])
+    assert (s.median, s.minimum, s.maximum, s.q1, s.q3, s.collapsed) == (0.82, 0.1, 0.9, 0.8, 0.84, 1)
+    assert s.iqr == pytest.approx(0.04) and "collapsed 1/5" in s.line("x")
+    assert spread([0.5]).median == 0.5 and spread([0.5]).iqr == 0.0
+
+
+def test_param_table_script(capsys: pytest.CaptureFixture[str]) -> None:
+    param_table.main()
+    out = capsys.readouterr().out
+    assert "['0.weight', '0.bias', '2.weight', '2.bias']" in out
+    assert "| net.0.weight | 64×20 | 1280 |" in out and "**3952**" in out
+    assert "| net.3.weight | 8×8 | 64 | True | net.6.weight | net.3, net.6 |" in out and "**6442**" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SYSTEM_DIR.is_dir(), reason=f"needs Debian's dataset-fashion-mnist ({SYSTEM_DIR})")
+def test_real_data_one_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One epoch on the real FashionMNIST (from the Debian files): a sane accuracy, the real sizes."""
+    monkeypatch.delenv(SYSTEM_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    result = train_seed(["--trainer.max_epochs=1", f"--data.data_dir={tmp_path / 'data'}"], seed=0)
+    dm = result.cli.datamodule
+    assert dm.train_x.shape == (60_000, 1, 28, 28) and dm.val_x.shape == (10_000, 1, 28, 28)
+    assert result.cli.trainer.global_step == 235  # ceil(60000 / 256)
+    assert result.val_acc > 0.5
+
+
+def test_lightning_run_equals_plain_loop(fake_system_env: FakeFashionMNIST, in_tmp_cwd: Path) -> None:
+    """Same seed, same tensors: Lightning's run and the plain loop end with bit-identical weights."""
+    data_dir = str(in_tmp_cwd / "data")
+    args = ["--trainer.max_epochs=2", f"--data.data_dir={data_dir}", "--data.batch_size=16"]
+    lightning_run = train_seed(args, seed=11)
+    plain = train_plain(Splits.load(data_dir), seed=11, max_epochs=2, batch_size=16)
+    assert lightning_run.cli.trainer.global_step == 8
+    for (name, a), (_, b) in zip(
+        plain.model.named_parameters(), lightning_run.cli.model.model.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert lightning_run.val_acc == pytest.approx(plain.val_acc, abs=1e-6)
