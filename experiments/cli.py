@@ -83,26 +83,27 @@ def build_cli(args: Sequence[str], run: bool = True, save_config: bool = True) -
     ``run=False`` only instantiates model, data and trainer from ``args`` (no subcommand allowed).
     ``save_config=False`` skips writing ``config.yaml`` (repeated runs into one directory would clash).
     """
-    with _argv_consumed():
+    with _as_command_line(with_subcommand(args) if run else list(args)):
         return ExperimentCLI(
             Classifier,
             FashionMNISTDataModule,
             seed_everything_default=DEFAULT_SEED,
             save_config_callback=SaveConfigCallback if save_config else None,
-            args=with_subcommand(args) if run else list(args),
+            args=None,  # read from sys.argv, set just above
             run=run,
         )
 
 
 @contextmanager
-def _argv_consumed() -> Iterator[None]:
-    """Hide ``sys.argv[1:]`` from LightningCLI while it parses ``args`` built from them.
+def _as_command_line(args: Sequence[str]) -> Iterator[None]:
+    """Make ``args`` the command line (``sys.argv[1:]``) while LightningCLI parses and runs them.
 
-    Our scripts read their own command line and pass it on as ``args``; LightningCLI would otherwise
-    warn that both are given (and a test runner's own argv would trigger the same warning).
+    Lightning's DDP launcher starts the other ranks by re-running ``sys.argv``: they must see the
+    same arguments as rank 0 (with the subcommand), not our script's raw argv or nothing. Passing
+    ``args=`` instead would make LightningCLI warn that both argv and args are given.
     """
     saved = sys.argv
-    sys.argv = saved[:1]
+    sys.argv = [saved[0], *args]
     try:
         yield
     finally:

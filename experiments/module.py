@@ -48,9 +48,10 @@ class Classifier(LightningModule):
         """Logs epoch means of ``val_loss`` and ``val_acc`` (weighted by batch size)."""
         x, y = batch
         logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y), batch_size=len(y))
+        # sync_dist: under DDP each rank sees part of the validation set
+        self.log("val_loss", F.cross_entropy(logits, y), batch_size=len(y), sync_dist=True)
         acc = (logits.argmax(dim=1) == y).float().mean()
-        self.log("val_acc", acc, prog_bar=True, batch_size=len(y))
+        self.log("val_acc", acc, prog_bar=True, batch_size=len(y), sync_dist=True)
 
     def on_train_start(self) -> None:
         """Logs the unique parameter count as a metric too (TensorBoard's scalars and hparams views)."""

@@ -55,7 +55,8 @@ def main(argv: Sequence[str] | None = None) -> RunResult | None:
         build_cli(args)  # validate/test/predict: plain LightningCLI behaviour, nothing to report
         return None
     result = train([arg for arg in args if arg != "fit"])
-    report(result)
+    if result.cli.trainer.is_global_zero:  # under DDP every rank returns here; one report is enough
+        report(result)
     return result
 
 

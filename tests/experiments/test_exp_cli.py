@@ -174,3 +174,23 @@ def test_lightning_run_equals_plain_loop(fake_system_env: FakeFashionMNIST, in_t
     ):
         assert torch.equal(a, b), name
     assert lightning_run.val_acc == pytest.approx(plain.val_acc, abs=1e-6)
+
+
+@pytest.mark.distributed
+def test_script_runs_under_ddp_on_cpu(fake_system_env: FakeFashionMNIST, in_tmp_cwd: Path) -> None:
+    """The README's distributed command: Lightning re-runs the script for rank 1 from ``sys.argv``, so
+    both ranks must parse the same arguments; one report; the monitor's tags written once (rank 0)."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, str(REPO_ROOT / "experiments/shared_mlp.py"), "--config", str(REPO_ROOT / "configs/quick.yaml"),
+        f"--data.data_dir={in_tmp_cwd / 'data'}", "--trainer.max_steps=2", *SMALL,
+        "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=in_tmp_cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("final val_acc") == 1
+    log_dir = in_tmp_cwd / "lightning_logs/quick/version_0"
+    assert {"shared_grad/model.net.3.weight/model.net.6", "grad_norm/model.net.3.weight"} <= tags(log_dir)
+    assert not (in_tmp_cwd / "lightning_logs/quick/version_1").exists()
