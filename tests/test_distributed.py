@@ -305,6 +305,108 @@ def test_fsdp2_local_shards_match_the_unsharded_model(tmp_path: Path) -> None:
             assert len(r["warnings"]) == (1 if rank == 0 else 0), f"{case} rank {rank}: {r['warnings']}"
 
 
+# -- FSDP2 through Lightning's ModelParallelStrategy ---------------------------------------
+FSDP_STEPS = 3
+
+
+def plain_mlp() -> nn.Sequential:
+    """No shared layer; 7 rows over 2 ranks and a 3-element bias, so the shards are uneven."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+class ShardedClassifier(SharedClassifier):
+    """``fully_shard`` on every Linear and on the Sequential, over the strategy's data-parallel mesh."""
+
+    def __init__(self) -> None:
+        pl.LightningModule.__init__(self)
+        self.net = plain_mlp()
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+def _model_parallel_worker(rank: int, port: int, out_dir: str) -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    # LOCAL_RANK makes Lightning's environment treat the processes as launched externally (as torchrun does);
+    # its own launcher would re-run `sys.argv`, i.e. pytest.
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
+        max_steps=FSDP_STEPS,
+        logger=TensorBoardLogger(out_dir, name="", version="run"),
+        callbacks=[ParameterMonitor(log_every_n_steps=1)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = ShardedClassifier()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model)
+    info = {
+        "global_rank": trainer.global_rank,
+        "sharded": [type(p).__name__ for p in model.parameters()],
+        "warnings": [str(w.message) for w in caught if "param_monitor" in str(w.message)],
+    }
+    Path(out_dir, f"model_parallel_rank{rank}.json").write_text(json.dumps(info))
+    dist.destroy_process_group()
+
+
+def plain_reference(steps: int) -> dict[int, dict[str, float]]:
+    """The unsharded MLP on both ranks' batches (mean loss: FSDP averages gradients like DDP), plain torch."""
+    net = plain_mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    data = dataset(WORLD * BATCH * STEPS)
+    out: dict[int, dict[str, float]] = {}
+    for step in range(steps):
+        x, y = data[step * WORLD * BATCH : (step + 1) * WORLD * BATCH]
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        metrics: dict[str, float] = {}
+        for name, p in net.named_parameters():
+            metrics[f"weight_mean/net.{name}"] = p.detach().double().mean().item()
+            metrics[f"weight_norm/net.{name}"] = p.detach().double().norm().item()
+            metrics[f"grad_norm/net.{name}"] = p.grad.double().norm().item()
+        metrics["grad_norm_total"] = math.sqrt(sum(p.grad.double().square().sum().item() for p in net.parameters()))
+        out[step] = metrics
+        opt.step()
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_lightning_model_parallel_fsdp2_matches_single_process(tmp_path: Path) -> None:
+    mp.spawn(_model_parallel_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD)
+    for rank in range(WORLD):
+        info = json.loads((tmp_path / f"model_parallel_rank{rank}.json").read_text())
+        assert info["global_rank"] == rank
+        assert set(info["sharded"]) == {"DTensor"}, info["sharded"]  # fully_shard really ran
+        # the shared-use tracking is switched off once, on rank 0 only
+        want_warnings = 1 if rank == 0 else 0
+        assert [w for w in info["warnings"] if "sharded" in w] == info["warnings"], info["warnings"]
+        assert len(info["warnings"]) == want_warnings, f"rank {rank}: {info['warnings']}"
+
+    assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 1  # only rank 0 writes
+    logged = read_scalars(tmp_path / "run")
+    reference = plain_reference(FSDP_STEPS)
+    assert set(logged) == set(reference[0]), sorted(set(logged) ^ set(reference[0]))
+    for tag, values in logged.items():
+        assert set(values) == set(reference), f"{tag} logged on steps {sorted(values)}"
+    for step, want in reference.items():
+        assert_metrics_close({tag: values[step] for tag, values in logged.items()}, want)
+
+
 # -- aggregation per module (single process, fast) ------------------------------------------
 class Blocks(nn.Module):
     def __init__(self) -> None:
