@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
@@ -163,6 +164,12 @@ class ParameterMonitor(Callback):
             raise MisconfigurationException(
                 "Cannot use `ParameterMonitor` with a Trainer that has no logger: pass e.g. "
                 "`Trainer(logger=TensorBoardLogger('lightning_logs'))` (or leave `logger` unset)."
+            )
+        if isinstance(trainer.strategy, FSDPStrategy):
+            raise MisconfigurationException(
+                "`ParameterMonitor` does not support `FSDPStrategy` (FSDP1): its flat parameters hold rank-local "
+                "fragments, and the statistics would silently describe rank 0's piece only. Use "
+                "`ModelParallelStrategy` with `fully_shard` (FSDP2) in `configure_model`, or DDP."
             )
         self._reset_fit_state()
         self._every_n = self.log_every_n_steps or trainer.log_every_n_steps

@@ -479,6 +479,17 @@ def test_no_logger_is_a_clear_error(tmp_path: Path) -> None:
         fit(SharedMLP(), tmp_path, logger=False)
 
 
+def test_fsdp1_is_refused_rather_than_logged_wrong(tmp_path: Path) -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    class CpuFSDP(FSDPStrategy):  # Lightning refuses the plain class on CPU before our check runs
+        pass
+
+    with pytest.raises(MisconfigurationException, match="FSDP1.*ModelParallelStrategy"):
+        fit(SharedMLP(), tmp_path, strategy=CpuFSDP())
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
