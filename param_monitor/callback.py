@@ -235,7 +235,7 @@ class ParameterMonitor(Callback):
             self._write_histograms(trainer, watcher, step)
         if self._summary_pending:
             self._write_summary(trainer, pl_module, watcher, step)
-        if watcher.tracker is not None and watcher.tracker.has_seen_forward:
+        if watcher.tracker is None or watcher.tracker.has_seen_forward:
             self._count_calls_pending = False
         if self._logging_step != step:
             if watcher.tracking:  # the first step's call counting

@@ -238,6 +238,14 @@ def test_own_frequency_and_no_hooks_on_other_steps(tmp_path: Path) -> None:
     assert {s: n > 0 for s, n in hooks_seen.items()} == {0: True, 1: True, 2: False, 3: True, 4: False, 5: True}
 
 
+def test_without_shared_tracking_other_steps_return_at_once(tmp_path: Path) -> None:
+    monitor = ParameterMonitor(log_every_n_steps=3, track_shared=False)
+    _, scalars = fit(SharedMLP(), tmp_path, monitor, max_steps=4)
+    assert sorted(scalars["grad_norm/net.3.weight"]) == [2]
+    assert not [t for t in scalars if t.startswith("shared_grad")]
+    assert not monitor._summary_pending and not monitor._count_calls_pending
+
+
 def test_tracking_does_not_change_the_model() -> None:
     from param_monitor import ParameterWatcher
 
