@@ -128,4 +128,6 @@ def train(args: Sequence[str], save_config: bool = True) -> RunResult:
         cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     val_acc = float(cli.trainer.callback_metrics["val_acc"])
     log_dir = Path(cli.trainer.log_dir) if cli.trainer.logger is not None else None
-    return RunResult(cli, val_acc, int(cli.model.hparams["num_parameters"]), log_dir)
+    # under ddp_spawn, `setup` ran in the workers only: the count comes back as a logged metric
+    num_parameters = cli.model.hparams.get("num_parameters", cli.trainer.callback_metrics.get("num_parameters"))
+    return RunResult(cli, val_acc, int(num_parameters), log_dir)

@@ -177,16 +177,18 @@ def test_lightning_run_equals_plain_loop(fake_system_env: FakeFashionMNIST, in_t
 
 
 @pytest.mark.distributed
-def test_script_runs_under_ddp_on_cpu(fake_system_env: FakeFashionMNIST, in_tmp_cwd: Path) -> None:
-    """The README's distributed command: Lightning re-runs the script for rank 1 from ``sys.argv``, so
-    both ranks must parse the same arguments; one report; the monitor's tags written once (rank 0)."""
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_script_runs_under_ddp_on_cpu(fake_system_env: FakeFashionMNIST, in_tmp_cwd: Path, strategy: str) -> None:
+    """The README's distributed commands. ``ddp`` re-runs the script for rank 1 from ``sys.argv`` (both
+    ranks must parse the same arguments); ``ddp_spawn`` trains in workers (the parent only gets metrics
+    and weights back). One report; the monitor's tags written once (rank 0)."""
     import subprocess
     import sys
 
     cmd = [
         sys.executable, str(REPO_ROOT / "experiments/shared_mlp.py"), "--config", str(REPO_ROOT / "configs/quick.yaml"),
         f"--data.data_dir={in_tmp_cwd / 'data'}", "--trainer.max_steps=2", *SMALL,
-        "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu",
+        "--trainer.devices=2", f"--trainer.strategy={strategy}", "--trainer.accelerator=cpu",
     ]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=in_tmp_cwd)
     assert done.returncode == 0, done.stderr[-3000:]
