@@ -62,6 +62,15 @@ class ExperimentCLI(LightningCLI):
             }
         )
 
+    def before_fit(self) -> None:
+        """Fix the logger's version in this process before any worker starts.
+
+        ``ddp_spawn`` pickles the logger into its workers; unresolved, the workers pick a version and
+        this process later picks the NEXT free one for ``log_dir`` (an empty folder).
+        """
+        for logger in self.trainer.loggers:
+            _ = logger.version
+
     def before_instantiate_classes(self) -> None:
         """Apply ``--torch_threads`` before anything computes."""
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -125,6 +134,9 @@ def train(args: Sequence[str], save_config: bool = True) -> RunResult:
     cli = build_cli(["fit", *args], run=True, save_config=save_config)
     if "val_acc" not in cli.trainer.callback_metrics:
         # Fit stopped before any validation (max_steps inside the first epoch): measure the final model.
+        for callback in cli.trainer.callbacks:
+            if isinstance(callback, SaveConfigCallback):  # saved by fit (in a worker under ddp_spawn)
+                callback.already_saved = True
         cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     val_acc = float(cli.trainer.callback_metrics["val_acc"])
     log_dir = Path(cli.trainer.log_dir) if cli.trainer.logger is not None else None

@@ -196,3 +196,4 @@ def test_script_runs_under_ddp_on_cpu(fake_system_env: FakeFashionMNIST, in_tmp_
     log_dir = in_tmp_cwd / "lightning_logs/quick/version_0"
     assert {"shared_grad/model.net.3.weight/model.net.6", "grad_norm/model.net.3.weight"} <= tags(log_dir)
     assert not (in_tmp_cwd / "lightning_logs/quick/version_1").exists()
+    assert (log_dir / "summary.png").exists()  # the report points at the run that has the events
