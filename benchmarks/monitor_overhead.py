@@ -345,6 +345,28 @@ def writing_benchmark(root: Path, repeats: int) -> dict[str, float]:
     }
 
 
+def isolation_benchmark(module: pl.LightningModule, repeats: int) -> dict[str, float]:
+    """``stats.pack`` + one transfer vs the floor on the model's weights and gradients, outside any
+    training step (caches equally warm for both: the two alternate)."""
+    named = list(module.named_parameters())
+    for _, p in named:
+        p.grad = torch.randn_like(p)
+    weights = [p.detach() for _, p in named]
+    grads = [p.grad for _, p in named]
+    floor_ms, pack_ms = [], []
+    for _ in range(repeats):
+        t0 = perf()
+        floor_pass(weights, grads)
+        t1 = perf()
+        stats.to_host(stats.pack(named, {})[0])
+        t2 = perf()
+        floor_ms.append((t1 - t0) * 1e3)
+        pack_ms.append((t2 - t1) * 1e3)
+    for _, p in named:
+        p.grad = None
+    return {"floor_ms": _median(floor_ms[2:]), "pack_ms": _median(pack_ms[2:])}
+
+
 def _dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.rglob("events.out.tfevents.*"))
 
@@ -431,8 +453,14 @@ def main() -> None:
             print(f"  ran {name!r}: {steps} steps in {perf() - t0:.0f} s", flush=True)
         module.grad_norm_recipe = False
         writing = writing_benchmark(root, 10 if quick else 20)
+        isolation = isolation_benchmark(module, 15 if quick else 40)
 
     report(runs, probes, writing)
+    print("\n== 7. per-tensor statistics alone, outside training (same tensors, alternating, medians) ==")
+    print(
+        f"floor {isolation['floor_ms']:.3f} ms | param_monitor.stats.pack {isolation['pack_ms']:.3f} ms "
+        f"({isolation['pack_ms'] / isolation['floor_ms']:.2f}x; its extra is the weights' signed-sum pass)"
+    )
     print(f"\ntotal benchmark time: {perf() - t_start:.0f} s; load average now {os.getloadavg()[0]:.1f}")
 
 
