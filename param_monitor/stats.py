@@ -6,8 +6,8 @@ Additive sums are what make the distributed case one collective: a sharded run a
 packed vector (SUM) before :func:`finalize`, and the norms/means/cosines come out global.
 
 Cost: one ``torch._foreach_norm`` pass over weights and gradients, plus one summation pass over
-the weights for the means: 1.4x a bare ``_foreach_norm`` of weights and gradients (the bandwidth
-floor) on its own, 1.9-2.1x inside a training step in ``benchmarks/monitor_overhead.py``. No CPU
+the weights for the means: 1.4-1.7x a bare ``_foreach_norm`` of weights and gradients (the bandwidth
+floor) on its own, 2.0x inside a training step in ``benchmarks/monitor_overhead.py``. No CPU
 kernel gives a signed sum and a sum of squares in one pass (``torch.var_mean`` does, 8x slower).
 
 The toy from the textbook: a bias-free ``Linear(1, 1)`` with weight 3 used twice on input 1.
