@@ -15,8 +15,8 @@ were shared in it get views; a module that starts running twice is picked up fro
 forward pass on. Sites are named by module path:
 
 - a module called once: its (first) path (``lm_head``, ``transformer.wte``);
-- a module registered under k paths and called k times (the ``nn.Sequential`` case): its i-th
-  call is its i-th path (``net.3``, ``net.6``);
+- a module registered at k positions of one ``nn.Sequential`` and called k times: its i-th call
+  is its i-th path (``net.3``, ``net.6``): a Sequential runs its entries in that order;
 - otherwise ``{path}#{i}``, i counted from 0 in call order.
 
 A use made outside any owning module's forward (``x @ self.wte.weight.T`` in a parent) reaches
@@ -65,16 +65,18 @@ class SharedUseTracker:
             if aliases.get(name):
                 self._statically_shared.add(id(param))
         self._paths: dict[int, list[str]] = {}
+        modules_at: dict[str, nn.Module] = {}
         for path, module in root.named_modules(remove_duplicate=False):
             self._paths.setdefault(id(module), []).append(path or "<root>")
-        # modules that own a tracked, trainable parameter directly, and which ones
+            modules_at[path] = module
+        self._in_call_order = {mid for mid, paths in self._paths.items() if _called_in_path_order(paths, modules_at)}
+        # modules that own a tracked parameter directly, and which ones (trainable or not: a
+        # parameter may be frozen now and unfrozen later, e.g. by BackboneFinetuning)
         self._owned: list[tuple[nn.Module, list[str]]] = []
         self._owners_of: dict[int, list[int]] = {}
         for module in _unique_modules(root):
             local = [
-                local_name
-                for local_name, p in module._parameters.items()
-                if p is not None and p.requires_grad and id(p) in self._name_of
+                local_name for local_name, p in module._parameters.items() if p is not None and id(p) in self._name_of
             ]
             if local:
                 self._owned.append((module, local))
@@ -159,7 +161,9 @@ class SharedUseTracker:
 
     # -- hooks --------------------------------------------------------------------------------
     def _before_call(self, module: nn.Module, args: object, local_names: list[str]) -> None:
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+            # no graph, or inside backward (activation checkpointing re-running a forward: with
+            # non-reentrant checkpointing the original call's views still receive the gradient)
             return
         mid = id(module)
         k = self._calls.get(mid, 0)
@@ -172,7 +176,7 @@ class SharedUseTracker:
         known = self._last_calls
         for local_name in local_names:
             param = module._parameters[local_name]
-            if not isinstance(param, nn.Parameter):  # already swapped: a re-entrant call
+            if not isinstance(param, nn.Parameter) or not param.requires_grad:  # swapped (re-entrant) or frozen
                 continue
             if known and not self._is_shared(id(param), known):
                 continue
@@ -209,9 +213,22 @@ class SharedUseTracker:
         paths = self._paths[mid]
         if n_calls == 1:
             return paths[0]
-        if len(paths) == n_calls:
+        if len(paths) == n_calls and mid in self._in_call_order:
             return paths[k]
         return f"{paths[0]}#{k}"
+
+
+def _called_in_path_order(paths: list[str], modules_at: dict[str, nn.Module]) -> bool:
+    """Whether the k-th call of a module registered under ``paths`` is known to come from its k-th path.
+
+    True for the ``nn.Sequential`` case (all paths are entries of one Sequential, which runs its
+    entries in registration order). A module under several attribute names (``self.a = self.b =
+    layer``) may be called in any order: its sites are then ``{path}#k``.
+    """
+    if len(paths) < 2:
+        return False
+    parents = {path.rpartition(".")[0] for path in paths}
+    return len(parents) == 1 and isinstance(modules_at.get(parents.pop()), nn.Sequential)
 
 
 def _unique_modules(root: nn.Module) -> list[nn.Module]:

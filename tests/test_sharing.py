@@ -100,3 +100,66 @@ def test_no_grad_calls_are_not_counted() -> None:
     tracker.stop()
     assert list(tracker.contributions()["0.weight"]) == ["0", "1"]
     assert isinstance(net[0].weight, nn.Parameter)
+
+
+def test_module_under_two_attribute_names_gets_numbered_sites_in_call_order() -> None:
+    """``self.first = self.second = layer``: which name a call used is unknowable, so no path is guessed."""
+
+    class TwoNames(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = self.second = nn.Linear(3, 3, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.first(self.second(x)) * 1000  # `second` runs first
+
+    torch.manual_seed(0)
+    net, x = TwoNames(), torch.randn(5, 3)
+    copies = [net.first.weight.detach().clone().requires_grad_() for _ in range(2)]
+    ((x @ copies[0].T) @ copies[1].T * 1000).sum().backward()  # oracle: call 0, then call 1
+    tracker = SharedUseTracker(net)
+    tracker.start()
+    tracker.begin_forward()
+    net(x).sum().backward()
+    tracker.stop()
+    uses = tracker.contributions()["first.weight"]
+    assert list(uses) == ["first#0", "first#1"]
+    for k in range(2):
+        assert torch.allclose(uses[f"first#{k}"], copies[k].grad, rtol=1e-5)
+
+
+def test_parameters_frozen_then_unfrozen_are_tracked_once_trainable() -> None:
+    shared = nn.Linear(2, 2)
+    net = nn.Sequential(nn.Linear(2, 2), shared, shared)
+    shared.requires_grad_(False)
+    tracker = SharedUseTracker(net)
+    run(tracker, net, features=2)  # frozen: no hook may be registered on a view (it would raise)
+    assert tracker.contributions() == {}
+    shared.requires_grad_(True)
+    net.zero_grad()
+    uses = run(tracker, net, features=2)
+    assert list(uses["1.weight"]) == ["1", "2"]
+    assert torch.allclose(sum(uses["1.weight"].values()), shared.weight.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_activation_checkpointing_recomputation_is_not_a_use() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.solo = nn.Linear(3, 3)
+            self.shared = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            def block(h: torch.Tensor) -> torch.Tensor:
+                return torch.tanh(self.shared(torch.tanh(self.shared(self.solo(h)))))
+
+            return checkpoint(block, x, use_reentrant=False)
+
+    net = Checkpointed()
+    tracker = SharedUseTracker(net)
+    uses = run(tracker, net)
+    assert set(uses) == {"shared.weight", "shared.bias"}  # `solo` is not shared
+    assert list(uses["shared.weight"]) == ["shared#0", "shared#1"]
+    assert torch.allclose(sum(uses["shared.weight"].values()), net.shared.weight.grad, rtol=1e-6, atol=1e-7)
