@@ -210,7 +210,7 @@ class ParameterMonitor(Callback):
         logs = self._should_log(step)
         if not (logs or self._summary_pending or self._count_calls_pending):
             return
-        if watcher.has_lazy:
+        if watcher.lazy_materialized():
             watcher.refresh()
         if not watcher.tracking:
             # off-schedule, the first step only counts module calls to name the table's call sites
@@ -224,16 +224,17 @@ class ParameterMonitor(Callback):
         watcher = self._watcher
         if watcher is None:
             return
-        if self.check_finite_every_step:
-            self._update_nonfinite_flag(watcher, trainer)
         step = _step(trainer)
+        if self.check_finite_every_step and self._logging_step != step:  # a logging step checks anyway
+            self._update_nonfinite_flag(watcher, trainer)
         if self._done_step == step:
             return
-        if watcher.has_lazy:
+        materialized = watcher.lazy_materialized()
+        if materialized:
             watcher.refresh()  # materialized by this step's forward: from now on they are monitored
         if self.histogram_every_n_steps and (step + 1) % self.histogram_every_n_steps == 0:
             self._write_histograms(trainer, watcher, step)
-        if self._summary_pending:
+        if self._summary_pending and not materialized:  # (after a refresh, call sites are known next step)
             self._write_summary(trainer, pl_module, watcher, step)
         if watcher.tracker is None or watcher.tracker.has_seen_forward:
             self._count_calls_pending = False
@@ -339,7 +340,7 @@ class ParameterMonitor(Callback):
         grads = [distributed.local_tensor(p.grad) for _, p in watcher.named_params if p.grad is not None]
         if not grads:
             return
-        bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+        bad = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))).all()
         self._nonfinite_flag = bad if self._nonfinite_flag is None else self._nonfinite_flag | bad
 
     # -- writing --------------------------------------------------------------------------
@@ -360,16 +361,13 @@ class ParameterMonitor(Callback):
     def _write_summary(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, watcher: ParameterWatcher, step: int
     ) -> None:
-        if watcher.has_lazy:
-            watcher.refresh()
-            if watcher.has_lazy:
-                return  # not materialized yet: try again on a later step
         tracker = watcher.tracker
         if tracker is not None and not tracker.has_seen_forward:
             return  # tracker just rebuilt (lazy parameters): name call sites on the next step
         call_sites = tracker.call_sites() if tracker is not None else {}
         table = format_markdown(parameter_table(pl_module, call_sites))
-        shared = {n: s for n, s in call_sites.items() if n in (tracker.shared_names() if tracker else [])}
+        shared_names = set(tracker.shared_names()) if tracker is not None else set()
+        shared = {n: s for n, s in call_sites.items() if n in shared_names}
         for writer in self._tensorboard_writers(trainer):
             writer.add_text(SUMMARY_TAG, table, global_step=step)
             _write_layout(writer, shared)

@@ -87,7 +87,7 @@ class ParameterWatcher:
             for n, p in self.module.named_parameters()
             if not isinstance(p, UninitializedParameter) and self._keep(n)
         ]
-        self.has_lazy = any(isinstance(p, UninitializedParameter) for p in self.module.parameters())
+        self._lazy = [p for p in self.module.parameters() if isinstance(p, UninitializedParameter)]
         self.sharded = any(distributed.is_sharded(p) for _, p in self.named_params)
         if self.sharded and self.track_shared:
             # FSDP swaps in unsharded parameters for each forward: the tracker's views never see them.
@@ -97,6 +97,18 @@ class ParameterWatcher:
             )
             self.track_shared = False
         self.tracker = SharedUseTracker(self.module, param_filter=self._keep) if self.track_shared else None
+
+    @property
+    def has_lazy(self) -> bool:
+        """Whether some parameters were still uninitialized at the last :meth:`refresh`."""
+        return bool(self._lazy)
+
+    def lazy_materialized(self) -> bool:
+        """Whether a parameter that was lazy at the last :meth:`refresh` has been materialized since.
+
+        A lazy module that never runs stays lazy: it must not make every step rebuild the index.
+        """
+        return any(not isinstance(p, UninitializedParameter) for p in self._lazy)
 
     # -- one logged step ------------------------------------------------------------------
     def start_step(self, capture: bool = True) -> None:

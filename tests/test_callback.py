@@ -88,7 +88,7 @@ class Recorder(pl.LightningModule):
 
     def _record_uses(self, x: torch.Tensor, y: torch.Tensor, step: int) -> None:
         params = dict(self.named_parameters())
-        if not self.shared_sites or any(isinstance(p, UninitializedParameter) for p in params.values()):
+        if not self.shared_sites or any(isinstance(params[n], UninitializedParameter) for n in self.shared_sites):
             return
         # each site gets its own detached copy of every shared parameter it uses
         per_site: dict[str, dict[str, torch.Tensor]] = {}
@@ -420,6 +420,11 @@ def test_check_finite_every_step_sees_nan_between_logging_steps(tmp_path: Path) 
     monitor = ParameterMonitor(log_every_n_steps=4, check_finite_every_step=True)
     with pytest.warns(UserWarning, match="did not log"):
         fit(module, tmp_path, monitor, max_steps=4)
+    # a NaN on the logging step itself is reported as such, with the parameters' names
+    module = SharedMLP()
+    module.poison_steps = {3}
+    with pytest.warns(UserWarning, match=r"step 3 \(this step\); first in: net\.1\.weight"):
+        fit(module, tmp_path / "c", ParameterMonitor(log_every_n_steps=4, check_finite_every_step=True), max_steps=4)
     # and without the opt-in check, nothing is seen
     module = SharedMLP()
     module.poison_steps = {1}
@@ -460,6 +465,22 @@ def test_lazy_parameters_materialized_during_fit(tmp_path: Path) -> None:
     text = load_events(trainer.logger.log_dir).Tensors("param_monitor/parameters/text_summary")
     table = text[0].tensor_proto.string_val[0].decode()
     assert "| net.3.weight | 8×8 | 64 | True | net.6.weight | net.3, net.6 |" in table
+
+
+def test_lazy_module_that_never_runs_does_not_stop_tracking(tmp_path: Path) -> None:
+    class WithUnusedProbe(SharedMLP):
+        def __init__(self) -> None:
+            super().__init__()
+            self.probe = nn.LazyLinear(2)  # never called: stays uninitialized
+
+    module = WithUnusedProbe()
+    trainer, scalars = fit(module, tmp_path, max_steps=3)
+    assert sorted(scalars["shared_grad/net.3.weight/net.6"]) == [0, 1, 2]
+    check_against_oracle(module, scalars, [0, 1, 2])
+    from tests.conftest import load_events
+
+    text = load_events(trainer.logger.log_dir).Tensors("param_monitor/parameters/text_summary")
+    assert len(text) == 1 and "| probe.weight | uninitialized | 0 |" in text[0].tensor_proto.string_val[0].decode()
 
 
 def test_bf16_parameters_accumulate_in_fp32() -> None:
