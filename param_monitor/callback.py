@@ -50,7 +50,9 @@ class ParameterMonitor(Callback):
     ``weight_norm/{name}``            L2 norm of the values
     ``grad_norm/{name}``              L2 norm of the gradient the optimizer steps on (unscaled,
                                       fully accumulated, before clipping)
-    ``grad_norm_total``               L2 norm over all unique parameters (tied tensors once)
+    ``grad_norm_total``               L2 norm over all unique monitored parameters (tied tensors once);
+                                      with several optimizers, ``grad_norm_total/optimizer_{i}``
+                                      per optimizer, each at its own ``optimizer.step()``
     ``shared_grad/{name}/{site}``     L2 norm of the contribution of ONE use of a shared parameter
     ``shared_grad_error/{name}``      ``‖Σ_sites contribution − grad‖ / ‖grad‖`` (≈1e-7 when every
                                       use is seen)
@@ -140,7 +142,8 @@ class ParameterMonitor(Callback):
         self._watcher: ParameterWatcher | None = None
         self._every_n = 1
         self._logging_step: int | None = None  # the step whose batches are being tracked
-        self._done_step: int | None = None  # the step already written (several optimizers)
+        self._done_step: int | None = None  # the step whose once-per-step work is done
+        self._stepped_optimizers: set[int] = set()  # optimizers of that step already written
         self._summary_pending = self.log_summary
         # the first step counts module calls (no views, no buffers): it names call sites and tells
         # later logging steps which parameters are shared, so that only those get views
@@ -227,8 +230,33 @@ class ParameterMonitor(Callback):
         step = _step(trainer)
         if self.check_finite_every_step and self._logging_step != step:  # a logging step checks anyway
             self._update_nonfinite_flag(watcher, trainer)
-        if self._done_step == step:
+        if self._done_step != step:  # once per step, whatever the number of optimizers
+            self._done_step = step
+            self._stepped_optimizers = set()
+            self._once_per_step(trainer, pl_module, watcher, step)
+        several = len(trainer.optimizers) > 1  # tracking then lasts until the batch ends
+        if self._logging_step != step:
+            if watcher.tracking and not several:  # the first step's call counting
+                watcher.end_step()
             return
+        if id(optimizer) in self._stepped_optimizers:
+            return
+        self._stepped_optimizers.add(id(optimizer))
+        names = self._names_stepped_by(trainer, optimizer, watcher) if several else None
+        metrics = self._compute(trainer, watcher, optimizer, names)
+        if several:  # one total per optimizer: their steps see different gradients
+            index = [id(o) for o in trainer.optimizers].index(id(optimizer))
+            if stats.GRAD_NORM_TOTAL in metrics:
+                metrics[f"{stats.GRAD_NORM_TOTAL}/optimizer_{index}"] = metrics.pop(stats.GRAD_NORM_TOTAL)
+        else:
+            watcher.end_step()  # free the buffers now
+            self._logging_step = None
+        if metrics:
+            self._write_scalars(trainer, metrics, step)
+
+    def _once_per_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, watcher: ParameterWatcher, step: int
+    ) -> None:
         materialized = watcher.lazy_materialized()
         if materialized:
             watcher.refresh()  # materialized by this step's forward: from now on they are monitored
@@ -238,15 +266,15 @@ class ParameterMonitor(Callback):
             self._write_summary(trainer, pl_module, watcher, step)
         if watcher.tracker is None or watcher.tracker.has_seen_forward:
             self._count_calls_pending = False
-        if self._logging_step != step:
-            if watcher.tracking:  # the first step's call counting
-                watcher.end_step()
-            return
-        self._done_step = step
-        metrics = self._compute(trainer, watcher, optimizer)
-        self._logging_step = None
-        if metrics:
-            self._write_scalars(trainer, metrics, step)
+
+    @staticmethod
+    def _names_stepped_by(trainer: pl.Trainer, optimizer: Optimizer, watcher: ParameterWatcher) -> set[str]:
+        """The parameters ``optimizer`` steps on; those no optimizer steps go with the first one."""
+        ids_of = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in trainer.optimizers]
+        mine = next(ids for opt, ids in zip(trainer.optimizers, ids_of, strict=True) if opt is optimizer)
+        first = optimizer is trainer.optimizers[0]
+        stepped = set().union(*ids_of)
+        return {n for n, p in watcher.named_params if id(p) in mine or (first and id(p) not in stepped)}
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -270,7 +298,9 @@ class ParameterMonitor(Callback):
             self._watcher = None
 
     # -- the logging step -----------------------------------------------------------------
-    def _compute(self, trainer: pl.Trainer, watcher: ParameterWatcher, optimizer: Optimizer) -> dict[str, float]:
+    def _compute(
+        self, trainer: pl.Trainer, watcher: ParameterWatcher, optimizer: Optimizer, names: set[str] | None = None
+    ) -> dict[str, float]:
         scaler = _grad_scaler(trainer)
         contribution_scale = grad_scale = None
         if scaler is not None:
@@ -281,8 +311,7 @@ class ParameterMonitor(Callback):
             else:
                 grad_scale = inv_scale.double().square()  # optimizer unscales itself: scale the sums
         group = distributed.reduction_group()  # every rank reaches here on the same steps
-        packed, layout = watcher.pack(contribution_scale, grad_scale, group)
-        watcher.end_step()
+        packed, layout = watcher.pack(contribution_scale, grad_scale, group, names)
         flag = self._nonfinite_flag
         if flag is not None:
             packed = torch.cat([packed, flag.to(packed.device, torch.float64).reshape(1)])

@@ -131,6 +131,11 @@ class SharedUseTracker:
         """Whether a forward pass ran under the hooks (so call sites are known)."""
         return bool(self._calls or self._last_calls)
 
+    def discard(self, names: object) -> None:
+        """Forget the buffers of ``names`` (consumed by the statistics of one optimizer's step)."""
+        for name in list(names):  # type: ignore[call-overload]
+            self._buffers.pop(name, None)
+
     def reset(self) -> None:
         """Free the buffers."""
         self._buffers = {}

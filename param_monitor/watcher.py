@@ -135,21 +135,29 @@ class ParameterWatcher:
         contribution_scale: Tensor | None = None,
         grad_scale: Tensor | None = None,
         group: distributed.ProcessGroup | None = None,
+        names: set[str] | None = None,
     ) -> tuple[Tensor, StatsLayout]:
         """Partial sums on the device (consumes the contribution buffers).
 
         ``contribution_scale`` multiplies the contributions first (e.g. AMP's ``1/scale`` when
         the optimizer's gradients were already unscaled but the hooks saw scaled ones). With
         ``group``, the rank-local contributions are averaged over its ranks first (one collective,
-        only if there are any). Sharded partial sums still need :meth:`reduce`.
+        only if there are any). Sharded partial sums still need :meth:`reduce`. ``names`` restricts
+        everything to those parameters (one optimizer's, when several step in one batch).
         """
         contributions = self.tracker.contributions() if self.tracker is not None else {}
+        named_params = self.named_params
+        if names is not None:
+            named_params = [(n, p) for n, p in named_params if n in names]
+            contributions = {n: sites for n, sites in contributions.items() if n in names}
+        if self.tracker is not None:
+            self.tracker.discard(contributions)  # consumed below: later uses start new buffers
         buffers = [buf for sites in contributions.values() for buf in sites.values()]
         if contribution_scale is not None:
             for buf in buffers:
                 buf.mul_(contribution_scale)
         distributed.average_contributions(buffers, group)
-        return pack(self.named_params, contributions, grad_scale)
+        return pack(named_params, contributions, grad_scale)
 
     def reduce(self, packed: Tensor, layout: StatsLayout, group: distributed.ProcessGroup | None) -> Tensor:
         """Sum the shards' partial sums over ``group`` (one collective; none unless parameters are sharded).

@@ -638,3 +638,56 @@ def test_include_exclude_patterns(tmp_path: Path) -> None:
     names = {t.split("/", 1)[1] for t in scalars if t.startswith("weight_mean/")}
     assert names == {"net.3.weight"}
     assert "shared_grad/net.3.weight/net.6" in scalars and "shared_grad/net.3.bias/net.6" not in scalars
+
+
+class TwoOptimizers(pl.LightningModule):
+    """GAN-style manual optimization: D (which uses one layer twice) steps, then G."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        shared = nn.Linear(4, 4)
+        self.d = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 1))
+        self.g = nn.Linear(4, 4)
+        self.seen: dict[tuple[int, int], dict[str, float]] = {}
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        d_opt, g_opt = self.optimizers()
+        x = batch[0]
+        for opt, loss_fn in ((d_opt, self.d_loss), (g_opt, self.g_loss)):
+            self.toggle_optimizer(opt)  # freezes the other model's parameters
+            self.manual_backward(loss_fn(x))
+            opt.step()
+            opt.zero_grad()
+            self.untoggle_optimizer(opt)
+
+    def d_loss(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d(x).pow(2).mean() + self.d(self.g(x).detach()).mean()
+
+    def g_loss(self, x: torch.Tensor) -> torch.Tensor:
+        return -self.d(self.g(x)).mean()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        index = [id(o) for o in self.trainer.optimizers].index(id(optimizer))
+        self.seen[(step, index)] = {n: p.grad.norm().item() for n, p in self.named_parameters() if p.grad is not None}
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.d.parameters(), lr=0.1), torch.optim.SGD(self.g.parameters(), lr=0.1)]
+
+
+def test_two_optimizers_each_logged_with_the_gradients_it_steps_on(tmp_path: Path) -> None:
+    module = TwoOptimizers()
+    _, scalars = fit(module, tmp_path, max_steps=6)  # global_step counts both optimizers: 3 batches
+    steps = sorted(scalars["grad_norm/g.weight"])
+    assert steps == [0, 1, 2]
+    for step in steps:
+        for name in ("d.0.weight", "d.3.weight"):  # logged where D's optimizer steps
+            assert_close(scalars[f"grad_norm/{name}"][step], module.seen[(step, 0)][name])
+        assert_close(scalars["grad_norm/g.weight"][step], module.seen[(step, 1)]["g.weight"])
+        assert scalars["shared_grad_error/d.0.weight"][step] < 1e-6  # D's four uses in d_loss
+        assert {"grad_norm_total/optimizer_0", "grad_norm_total/optimizer_1"} <= set(scalars)
+    assert {t for t in scalars if t.startswith("shared_grad/d.0.weight/")} == {
+        f"shared_grad/d.0.weight/d.0#{k}" for k in range(4)
+    }
+    assert "grad_norm_total" not in scalars
