@@ -405,6 +405,8 @@ class ParameterMonitor(Callback):
     def _write_histograms(self, trainer: pl.Trainer, watcher: ParameterWatcher, step: int) -> None:
         for writer in self._tensorboard_writers(trainer):
             for name, param in watcher.named_params:
+                if distributed.is_sharded(param):
+                    continue  # rank 0 holds one shard: its histogram would mislead (gathering costs a collective)
                 writer.add_histogram(f"{WEIGHT_HIST}/{name}", param.detach().float(), step)
                 if param.grad is not None:
                     writer.add_histogram(f"{GRAD_HIST}/{name}", param.grad.detach().float(), step)

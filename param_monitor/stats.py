@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -60,13 +60,6 @@ class StatsLayout:
     # per shared parameter: (name, site names); the vector holds, for each: the sites' sums of
     # squares, the pairwise dot products (i < j), and the sum of squares of (Σ sites − grad).
     shared: list[tuple[str, list[str]]] = field(default_factory=list)
-
-    def size(self) -> int:
-        n = 2 * len(self.weight_names) + len(self.grad_names)
-        for _, sites in self.shared:
-            m = len(sites)
-            n += m + m * (m - 1) // 2 + 1
-        return n
 
 
 def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -185,7 +178,7 @@ def _group_sums(names: Sequence[str], depth: int, *columns: Sequence[float]) -> 
     return list(index), totals
 
 
-def _finalize_shared(name: str, sites: list[str], it, grad_norm: float) -> dict[str, float]:  # noqa: ANN001
+def _finalize_shared(name: str, sites: list[str], it: Iterator[float], grad_norm: float) -> dict[str, float]:
     m = len(sites)
     norms = [math.sqrt(next(it)) for _ in range(m)]
     cosines = []

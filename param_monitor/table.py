@@ -18,7 +18,7 @@ first name, with the other names listed as aliases.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -45,11 +45,6 @@ def parameter_aliases(module: nn.Module) -> dict[str, tuple[str, ...]]:
     return {names[0]: tuple(names[1:]) for names in names_by_id.values()}
 
 
-def iter_unique_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    """``named_parameters()`` under its first names: a tied tensor is yielded once."""
-    yield from module.named_parameters()
-
-
 def parameter_table(
     module: nn.Module, call_sites: Mapping[str, Sequence[str]] | None = None
 ) -> list[ParameterInfo]:
@@ -61,7 +56,7 @@ def parameter_table(
     aliases = parameter_aliases(module)
     sites = call_sites or {}
     rows = []
-    for name, param in iter_unique_parameters(module):
+    for name, param in module.named_parameters():  # first names: a tied tensor once
         lazy = isinstance(param, UninitializedParameter)
         rows.append(
             ParameterInfo(

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 from tensorboard.compat.proto.summary_pb2 import Summary
@@ -28,7 +27,3 @@ def write_scalars(writer: SummaryWriter, metrics: Mapping[str, float], step: int
     if metrics:
         writer._get_file_writer().add_summary(scalars_summary(metrics), global_step=step)
 
-
-def finite_or_none(value: float) -> float | None:
-    """``value`` if finite, else ``None`` (for writers that cannot store NaN/inf)."""
-    return value if math.isfinite(value) else None
