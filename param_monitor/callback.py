@@ -232,7 +232,7 @@ class ParameterMonitor(Callback):
             self._update_nonfinite_flag(watcher, trainer)
         if self._done_step != step:  # once per step, whatever the number of optimizers
             self._done_step = step
-            self._stepped_optimizers = set()
+            self._stepped_optimizers.clear()
             self._once_per_step(trainer, pl_module, watcher, step)
         several = len(trainer.optimizers) > 1  # tracking then lasts until the batch ends
         if self._logging_step != step:
