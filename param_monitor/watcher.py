@@ -173,13 +173,13 @@ class ParameterWatcher:
             packed = packed * weights.to(packed.device)
         return distributed.all_reduce_sum(packed, group)
 
-    def compute(
-        self, reduce: Callable[[Tensor], Tensor] | None = None, group: distributed.ProcessGroup | None = None
-    ) -> dict[str, float]:
-        """Every metric of this step in one transfer; then the hooks are removed."""
+    def compute(self, group: distributed.ProcessGroup | None = None) -> dict[str, float]:
+        """Every metric of this step in one transfer; then the hooks are removed.
+
+        With several processes, every rank calls it with the same ``group``
+        (``distributed.reduction_group()``): at most one collective.
+        """
         packed, layout = self.pack(group=group)
         packed = self.reduce(packed, layout, group)
-        if reduce is not None:
-            packed = reduce(packed)
         self.end_step()
         return finalize(to_host(packed), layout, self.aggregate_depth)
