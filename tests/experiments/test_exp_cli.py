@@ -190,10 +190,16 @@ def test_script_runs_under_ddp_on_cpu(fake_system_env: FakeFashionMNIST, in_tmp_
         f"--data.data_dir={in_tmp_cwd / 'data'}", "--trainer.max_steps=2", *SMALL,
         "--trainer.devices=2", f"--trainer.strategy={strategy}", "--trainer.accelerator=cpu",
     ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=in_tmp_cwd)
+    for attempt in range(2):
+        run_dir = in_tmp_cwd / f"try{attempt}"
+        run_dir.mkdir()
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=run_dir)
+        # gloo can abort a worker at teardown (pytorch/pytorch#190489): that one crash, and only it, is retried once
+        if done.returncode == 0 or "terminate called without an active exception" not in done.stderr:
+            break
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("final val_acc") == 1
-    log_dir = in_tmp_cwd / "lightning_logs/quick/version_0"
+    log_dir = run_dir / "lightning_logs/quick/version_0"
     assert {"shared_grad/model.net.3.weight/model.net.6", "grad_norm/model.net.3.weight"} <= tags(log_dir)
-    assert not (in_tmp_cwd / "lightning_logs/quick/version_1").exists()
+    assert not (run_dir / "lightning_logs/quick/version_1").exists()
     assert (log_dir / "summary.png").exists()  # the report points at the run that has the events
