@@ -24,8 +24,8 @@ The toy from the textbook: a bias-free ``Linear(1, 1)`` with weight 3 used twice
 >>> metrics = parameter_statistics([("w", w)], {"w": {"use0": uses[0].clone(), "use1": uses[1].clone()}})
 >>> {k: round(v, 6) for k, v in metrics.items()}  # doctest: +NORMALIZE_WHITESPACE
 {'weight_mean/w': 3.0, 'weight_norm/w': 3.0, 'grad_norm/w': 6.0, 'grad_norm_total': 6.0,
- 'shared_grad/w/use0': 3.0, 'shared_grad/w/use1': 3.0, 'shared_grad_error/w': 0.0,
- 'shared_grad_cosine/w': 1.0}
+ 'shared_grad/w/use0': 3.0, 'shared_grad/w/use1': 3.0, 'shared_grad_share/w/use0': 0.5,
+ 'shared_grad_share/w/use1': 0.5, 'shared_grad_error/w': 0.0, 'shared_grad_cosine/w': 1.0}
 """
 
 from __future__ import annotations
@@ -40,14 +40,16 @@ from torch import Tensor
 
 from param_monitor.distributed import local_tensor
 
-#: Tag prefixes: the documented, stable schema (see the README's table).
-WEIGHT_MEAN = "weight_mean"
-WEIGHT_NORM = "weight_norm"
-GRAD_NORM = "grad_norm"
-GRAD_NORM_TOTAL = "grad_norm_total"
-SHARED_GRAD = "shared_grad"
-SHARED_GRAD_ERROR = "shared_grad_error"
-SHARED_GRAD_COSINE = "shared_grad_cosine"
+from param_monitor.tags import (  # noqa: F401  (re-exported: the schema lives in tags.py)
+    GRAD_NORM,
+    GRAD_NORM_TOTAL,
+    SHARED_GRAD,
+    SHARED_GRAD_COSINE,
+    SHARED_GRAD_ERROR,
+    SHARED_GRAD_SHARE,
+    WEIGHT_MEAN,
+    WEIGHT_NORM,
+)
 
 
 @dataclass
@@ -181,14 +183,20 @@ def _group_sums(names: Sequence[str], depth: int, *columns: Sequence[float]) -> 
 def _finalize_shared(name: str, sites: list[str], it: Iterator[float], grad_norm: float) -> dict[str, float]:
     m = len(sites)
     norms = [math.sqrt(next(it)) for _ in range(m)]
-    cosines = []
-    for i in range(m):
-        for j in range(i + 1, m):
-            dot = next(it)
-            if norms[i] > 0 and norms[j] > 0:
-                cosines.append(dot / (norms[i] * norms[j]))
+    pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
+    dots = [next(it) for _ in pairs]
+    cosines = [dot / (norms[i] * norms[j]) for (i, j), dot in zip(pairs, dots, strict=True) if norms[i] > 0 and norms[j] > 0]
     err = math.sqrt(next(it))
     out = {f"{SHARED_GRAD}/{name}/{site}": norm for site, norm in zip(sites, norms, strict=True)}
+    # share_i = <c_i, S> / ||S||^2 with S = sum of the seen uses: <c_i, S> = ||c_i||^2 + sum_j dot_ij,
+    # so the shares add up to exactly 1 (negative: a use pulling against the others).
+    along = [norms[i] ** 2 for i in range(m)]
+    for (i, j), dot in zip(pairs, dots, strict=True):
+        along[i] += dot
+        along[j] += dot
+    total = math.fsum(along)
+    for site, value in zip(sites, along, strict=True):
+        out[f"{SHARED_GRAD_SHARE}/{name}/{site}"] = value / total if total > 0 else math.nan
     out[f"{SHARED_GRAD_ERROR}/{name}"] = err / grad_norm if grad_norm > 0 else (0.0 if err == 0 else math.inf)
     out[f"{SHARED_GRAD_COSINE}/{name}"] = sum(cosines) / len(cosines) if cosines else math.nan
     return out
