@@ -39,7 +39,6 @@ import torch
 from torch import Tensor
 
 from param_monitor.distributed import local_tensor
-
 from param_monitor.tags import (  # noqa: F401  (re-exported: the schema lives in tags.py)
     GRAD_NORM,
     GRAD_NORM_TOTAL,
@@ -185,7 +184,9 @@ def _finalize_shared(name: str, sites: list[str], it: Iterator[float], grad_norm
     norms = [math.sqrt(next(it)) for _ in range(m)]
     pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
     dots = [next(it) for _ in pairs]
-    cosines = [dot / (norms[i] * norms[j]) for (i, j), dot in zip(pairs, dots, strict=True) if norms[i] > 0 and norms[j] > 0]
+    cosines = [
+        dot / (norms[i] * norms[j]) for (i, j), dot in zip(pairs, dots, strict=True) if norms[i] > 0 and norms[j] > 0
+    ]
     err = math.sqrt(next(it))
     out = {f"{SHARED_GRAD}/{name}/{site}": norm for site, norm in zip(sites, norms, strict=True)}
     # share_i = <c_i, S> / ||S||^2 with S = sum of the seen uses: <c_i, S> = ||c_i||^2 + sum_j dot_ij,
