@@ -302,6 +302,11 @@ class ParameterMonitor(Callback):
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
                 logger.experiment.flush()
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # the hooks of a tracked step (global module hooks, graph hooks) must not outlive the fit
+        if self._watcher is not None:
+            self._watcher.end_step()
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._watcher is not None:
             self._watcher.end_step()
