@@ -34,9 +34,11 @@ that consumed the parameter (``Node._sequence_nr()``):
   change made between two backward passes (manual accumulation, ``zero_grad(set_to_none=False)``):
   ``<earlier>``, so that the sites still add up to ``.grad``.
 
-Only *shared* parameters keep buffers: one per use, in fp32 (fp64/complex parameters keep
-their dtype), summed over the micro-batches of the step. A parameter is shared when it is
-registered under several names or gets more than one contribution in a step.
+Only *shared* parameters keep anything: per use, the gradient tensor autograd made for it (no
+copy; autograd counts our reference and never writes into it); from a second micro-batch on, a
+buffer of ours in fp32 (fp64/complex parameters keep their dtype) that sums the micro-batches.
+A parameter is shared when it is registered under several names or gets more than one
+contribution in a step.
 
 >>> import torch, torch.nn as nn
 >>> shared = nn.Linear(1, 1, bias=False)
@@ -107,6 +109,7 @@ class _ParamState:
     """What a shared parameter's buffers hold in this step."""
 
     buffers: dict[str, Tensor] = field(default_factory=dict)
+    owned: set[str] = field(default_factory=set)  # sites whose buffer is ours (else autograd's own tensor)
     grad_ref: tuple[int, int] | None = None  # (id, _version) of `.grad` after our last backward
     single_sites: list[str] = field(default_factory=list)  # untracked backward passes: their one site
 
@@ -396,8 +399,10 @@ class SharedUseTracker:
         if state is not None and state.buffers:
             if grad is None:  # `.grad` was reset (zero_grad): so are its contributions
                 state.buffers.clear()
+                state.owned.clear()
             elif state.grad_ref != (id(grad), grad._version):  # changed between backward passes
                 state.buffers = {EARLIER_SITE: _buffer_like(grad, grad)}
+                state.owned = {EARLIER_SITE}
                 self._site_order.setdefault(EARLIER_SITE, -1)
             return True
         if not shared:
@@ -412,6 +417,7 @@ class SharedUseTracker:
         if grad is not None:  # gradient from before: one earlier site if we know it, else <earlier>
             earlier = state.single_sites[0] if len(state.single_sites) == 1 else EARLIER_SITE
             state.buffers[earlier] = _buffer_like(grad, grad)
+            state.owned.add(earlier)
             self._site_order.setdefault(earlier, -1)
         state.single_sites = []
         return True
@@ -428,11 +434,19 @@ class SharedUseTracker:
                     break
             if grad is None:
                 continue
-            buffers = self._states[use.pid].buffers
-            if site in buffers:
-                _accumulate(buffers[site], grad)
-            else:
-                buffers[site] = _buffer_like(grad, self._param_of[use.pid])
+            state = self._states[use.pid]
+            held = state.buffers.get(site)
+            if held is None:
+                # Keep autograd's own tensor, no copy: autograd sees our reference (its use count)
+                # and neither steals it for `.grad` nor accumulates into it in place.
+                state.buffers[site] = _held(grad, self._param_of[use.pid])
+            elif site in state.owned:
+                held.add_(grad.to_dense() if grad.is_sparse else grad)
+            else:  # a second micro-batch: from now on an accumulation buffer of our own
+                state.buffers[site] = _buffer_like(held, self._param_of[use.pid]).add_(
+                    grad.to_dense() if grad.is_sparse else grad
+                )
+                state.owned.add(site)
 
 def _tensors(obj: Any) -> list[Tensor]:
     if isinstance(obj, Tensor):
@@ -509,10 +523,9 @@ def _buffer_like(grad: Tensor, param: Tensor) -> Tensor:
     return grad.detach().to(dtype, copy=True)
 
 
-def _accumulate(buffer: Tensor, grad: Tensor) -> None:
-    if grad.is_sparse:
-        grad = grad.to_dense()
-    buffer.add_(grad)
+def _held(grad: Tensor, param: Tensor) -> Tensor:
+    """The first contribution of a use, as autograd made it (read-only for us), densified if sparse."""
+    return grad.to_dense() if grad.is_sparse else grad.detach()
 
 
 def _sequential_parent(paths: list[str], modules_at: dict[str, nn.Module]) -> int | None:
