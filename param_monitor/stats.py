@@ -210,6 +210,7 @@ def _shared_partial_sums(grad: Tensor, uses: Sequence[Tensor], grad_scale: Tenso
     The uses are read, never written (they may be autograd's own tensors). For two uses, the
     usual case, <a, b> = (‖S‖² − ‖a‖² − ‖b‖²) / 2 saves a pass over both.
     """
+    uses = [u.to_dense() if u.is_sparse else u for u in uses]
     total = uses[0]
     if len(uses) > 1:
         total = uses[0] + uses[1]
