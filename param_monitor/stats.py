@@ -154,6 +154,14 @@ def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     return out  # type: ignore[return-value]
 
 
+def _stack_double(scalars: Sequence[Tensor]) -> Tensor:
+    """One float64 vector of 0-dim results: one stack per dtype, not one conversion per scalar."""
+    first = scalars[0]
+    if all(s.dtype == first.dtype and s.device == first.device for s in scalars):
+        return torch.stack(list(scalars)).double()
+    return torch.stack([s.to(first.device, torch.float64) for s in scalars])  # mixed dtypes or devices
+
+
 def _sum(t: Tensor) -> Tensor:
     if t.is_complex():
         return t.new_zeros((), dtype=torch.float64)  # no mean for complex values (StatsLayout.no_mean)
@@ -177,13 +185,12 @@ def partial_sums(
     pieces: list[Tensor] = []
     norms = _norms([*weights, *grads])
     if norms:
-        device = norms[0].device
-        sq = torch.stack([n.to(device, torch.float64) for n in norms]).square()
+        sq = _stack_double(norms).square()
         w_sq, g_sq = sq[: len(weights)], sq[len(weights) :]
         if grad_scale is not None:
             g_sq = g_sq * grad_scale
-        w_sum = [_sum(w).to(device, torch.float64) for w in weights]
-        pieces += [w_sq, torch.stack(w_sum) if w_sum else w_sq.new_zeros(0), g_sq]
+        w_sum = _stack_double([_sum(w) for w in weights]) if weights else w_sq.new_zeros(0)
+        pieces += [w_sq, w_sum, g_sq]
     if dead_unit_grads:
         pieces.append(torch.stack([_dead_rows(g) for g in dead_unit_grads]).double())
     for grad, uses in shared:
@@ -216,8 +223,7 @@ def _shared_partial_sums(grad: Tensor, uses: Sequence[Tensor], grad_scale: Tenso
         total = uses[0] + uses[1]
         for other in uses[2:]:
             total.add_(other)
-    norms = _norms([*uses, total])
-    sq = torch.stack([n.to(torch.float64) for n in norms]).square()
+    sq = _stack_double(_norms([*uses, total])).square()
     dots = [
         torch.vdot(uses[i].reshape(-1), uses[j].reshape(-1)).real.double()
         for i in range(len(uses))
