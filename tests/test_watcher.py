@@ -146,3 +146,43 @@ def test_complex_parameters_under_lightning(tmp_path: Path) -> None:
     module, scalars = fit_tiny(tmp_path, "complex")
     check_norms(module, scalars)
     assert "weight_mean/shared.weight" not in scalars and "weight_norm/shared.weight" in scalars
+
+
+def test_a_copy_of_the_model_on_a_logging_step_carries_nothing_and_nothing_outlives_a_failed_fit(
+    tmp_path: Path,
+) -> None:
+    import copy
+    import pickle
+
+    import pytest
+
+    copies: list[bytes] = []
+
+    class Copying(Tiny):
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            clone = copy.deepcopy(self.shared)  # a user's EMA copy, mid-step
+            copies.append(pickle.dumps(clone))
+            assert not clone._forward_pre_hooks and not clone._forward_hooks
+            if batch_idx == 2:
+                raise RuntimeError("boom")
+            return loss
+
+    module = Copying("plain")
+    data = DataLoader(TensorDataset(torch.randint(0, 10, (24,)), torch.randn(24, 1)), batch_size=8)
+    trainer = pl.Trainer(
+        max_steps=3,
+        log_every_n_steps=1,
+        logger=TensorBoardLogger(str(tmp_path), name="tb"),
+        callbacks=[ParameterMonitor()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(module, data)
+    assert len(copies) == 3 and all(b"param_monitor" not in c for c in copies)
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+    assert not torch.nn.modules.module._global_forward_hooks
