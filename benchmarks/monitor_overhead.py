@@ -29,8 +29,9 @@ What is measured, and how to read it:
 3. **Peers**, measured the same way: (i) a naive loop (``.item()`` per statistic, ``add_scalar`` per
    value); (ii) Lightning's recipe ``self.log_dict(grad_norm(self, norm_type=2))`` in
    ``on_before_optimizer_step``, which runs EVERY step whatever the logging frequency: its cost per
-   logged point at every-50 is 50 x its per-step cost plus its logging. ``wandb.watch``: wandb is not
-   installed here, not measured.
+   logged point at every-50 is 50 x its per-step cost plus its logging; (iii) ``wandb.watch(model,
+   log="all", log_freq=1)`` in offline mode (only if wandb is installed: ``pip install wandb``), timed
+   in its histogram code (``TorchHistory.log_tensor_stats``) and its per-step commit.
 4. **Whole step** (``on_train_batch_start`` -> ``on_train_batch_end``, medians, the floor probe's own
    time subtracted) with and without the monitor. Whole steps jitter by 10-20% on this machine (much
    more when other jobs share its 2 cores), so a few percent do not resolve; the "from own time"
@@ -219,6 +220,38 @@ class NaivePerTensorLogger(Callback):
             if p.grad is not None:
                 writer.add_scalar(f"grad_norm/{name}", p.grad.norm().item(), step)
         self.rec.add("naive loop", perf() - t0)
+
+
+class WandbWatch(Callback):
+    """Peer (iii): ``wandb.watch(model, log="all", log_freq=1)`` in offline mode, committed every step."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import wandb
+
+        os.environ["WANDB_SILENT"] = "true"
+        self.run = wandb.init(mode="offline", dir=str(self.root), project="pm_bench", reinit="finish_previous")
+        wandb.watch(pl_module, log="all", log_freq=1)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self.run.log({"step": _step(trainer)})  # commits the step's histograms
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import wandb
+
+        wandb.unwatch(pl_module)
+        self.run.finish()
+
+
+def wandb_targets() -> list[Target] | None:
+    """wandb's own code per step: its histograms of every weight and gradient, and the commit."""
+    try:
+        from wandb.integration.torch.wandb_torch import TorchHistory
+    except ImportError:
+        return None
+    return [(TorchHistory, "log_tensor_stats", "wandb"), (WandbWatch, "on_train_batch_end", "wandb")]
 
 
 class ContributionProbe(Callback):
@@ -435,6 +468,7 @@ def main() -> None:
 
     timed = MONITOR_HOOKS + MONITOR_PARTS
     recipe: list[Target] = [(LitLM, "on_before_optimizer_step", "recipe")]
+    wandb_timed = wandb_targets()
     # (name, steps, log_every_n_steps, callbacks, timed functions)
     plan: list[tuple[str, int, int, Callable[[Recorder], list[Callback]], list[Target]]] = [
         ("baseline (no monitor)", every_steps, 1, nothing, []),
@@ -444,10 +478,14 @@ def main() -> None:
         ("naive loop, every step", every_steps, 1, naive, []),
         ("Lightning recipe, every step", every_steps, 1, nothing, recipe),
     ]
+    if wandb_timed is not None:
+        plan.append(("wandb.watch, every step", every_steps, 1, lambda rec: [WandbWatch(wandb_root)], wandb_timed))
     t_start = perf()
     runs: dict[str, Run] = {}
     with tempfile.TemporaryDirectory(prefix="pm_bench_") as tmp:
         root = Path(tmp)
+        wandb_root = root / "wandb"
+        wandb_root.mkdir()
         for name, steps, every, callbacks, targets in plan:
             module.grad_norm_recipe = bool(targets is recipe)
             t0 = perf()
@@ -467,7 +505,8 @@ def main() -> None:
 
 
 def report(runs: dict[str, Run], probes: list[ContributionProbe], writing: dict[str, float]) -> None:
-    base, r_pt, r_sh, r_def, r_naive, r_rec = runs.values()
+    base, r_pt, r_sh, r_def, r_naive, r_rec = list(runs.values())[:6]
+    r_wandb = runs.get("wandb.watch, every step")
     all_floors = [f for r in runs.values() for f in r.floors()]
     floor = _median(all_floors)
     base_step = base.median_step_ms()
@@ -504,7 +543,11 @@ def report(runs: dict[str, Run], probes: list[ContributionProbe], writing: dict[
     row("  + its extra Lightning logging per logged step", rec_log, None, f"(over loss-only {base_log:.2f} ms)")
     row("  = per logged point, logging every step", rec_step + rec_log)
     row("  = per logged point at every-50 (50 x per step + logging)", 50 * rec_step + rec_log)
-    print("wandb.watch: wandb is not installed here; not measured.")
+    if r_wandb is None:
+        print("wandb.watch: wandb is not installed (`pip install wandb`); not measured.")
+    else:
+        row('wandb.watch(log="all", log_freq=1), offline: per logged step', r_wandb.median_ms(["wandb"]),
+            r_wandb.median_ratio(["wandb"]))  # fmt: skip
 
     non_logged = [1e3 * r_def.ms(s, TOP_LEVEL) for s in r_def.measured(False)]
     print(
