@@ -533,3 +533,275 @@ def test_two_optimizers_each_logged_with_the_gradients_it_steps_on(tmp_path: Pat
         f"shared_grad/d.0.weight/d.0#{k}" for k in range(4)
     }
     assert "grad_norm_total" not in scalars
+
+
+# --------------------------------------------------------------------------------------------
+# histograms: the gradient the optimizer steps on, or nothing
+# --------------------------------------------------------------------------------------------
+def assert_histogram_of(hist: object, values: torch.Tensor) -> None:
+    v = values.detach().double().flatten()
+    assert hist.num == v.numel()
+    assert_close(hist.min, v.min().item(), 1e-6)
+    assert_close(hist.max, v.max().item(), 1e-6)
+    assert_close(hist.sum_squares, v.square().sum().item(), 1e-5)
+
+
+@pytest.mark.parametrize("module_cls", [SharedMLP, FusedAdamMLP], ids=["unscaled-by-lightning", "fused-adam"])
+def test_16_mixed_histograms_are_unscaled_and_skip_overflow(tmp_path: Path, module_cls: type[SharedMLP]) -> None:
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from tests.helpers.events import read_histograms
+
+    module = module_cls()
+    module.poison_steps = {2}  # NaN everywhere: the scaler skips the step (and the old code crashed here)
+    monitor = ParameterMonitor(histogram_every_n_steps=1)
+    trainer, _ = fit(module, tmp_path, monitor, max_steps=4, plugins=[MixedPrecision("16-mixed", "cpu")])
+    assert grad_scaler(trainer).get_scale() > 1
+    hists = read_histograms(trainer.logger.log_dir)
+    for step in (0, 1, 3):
+        for name, grad in module.grads[step].items():  # the module's own record, unscaled
+            assert_histogram_of(hists[f"grad_hist/{name}"][step], grad)
+            assert_histogram_of(hists[f"weight_hist/{name}"][step], module.weights[step][name])
+    assert 2 not in hists["grad_hist/net.3.weight"]  # the skipped step: no gradient histogram at all
+    assert 2 in hists["weight_hist/net.3.weight"]
+
+
+def test_nonfinite_gradient_histograms_are_skipped_not_crashed(tmp_path: Path) -> None:
+    from tests.helpers.events import read_histograms
+
+    module = SharedMLP()
+    module.poison_steps = {1}  # all-NaN gradients
+    module.poison_grads = {2: ["net.9.weight"]}  # one all-NaN gradient
+    monitor = ParameterMonitor(histogram_every_n_steps=1)
+    with pytest.warns(UserWarning, match=r"histogram.*not written.*non-finite") as record:
+        trainer, scalars = fit(module, tmp_path, monitor, max_steps=4)
+    assert sum("histogram" in str(w.message) for w in record) == 1  # told once
+    hists = read_histograms(trainer.logger.log_dir)
+    assert sorted(hists["grad_hist/net.3.weight"]) == [0, 2, 3]
+    assert sorted(hists["grad_hist/net.9.weight"]) == [0, 3]
+    assert_histogram_of(hists["grad_hist/net.9.bias"][2], module.grads[2]["net.9.bias"])
+    assert sorted(hists["weight_hist/net.9.weight"]) == [0, 1, 2, 3]  # weights stayed finite
+    assert sorted(scalars["grad_norm/net.3.weight"]) == [0, 1, 2, 3]  # the fit ran to its end
+
+
+# --------------------------------------------------------------------------------------------
+# the parameter list follows the module: pruning, replaced layers
+# --------------------------------------------------------------------------------------------
+def test_pruning_renames_parameters_and_tracking_survives(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelPruning
+
+    module = SharedMLP()
+    pruning = ModelPruning(
+        "l1_unstructured", parameters_to_prune=[(module.net[1], "weight")], amount=0.5, make_pruning_permanent=False
+    )
+    _, scalars = fit(module, tmp_path, callbacks=[ParameterMonitor(), pruning], max_steps=8)  # pruned after epoch 0
+    assert sorted(scalars["weight_mean/net.1.weight"]) == [0, 1, 2, 3]
+    assert sorted(scalars["weight_mean/net.1.weight_orig"]) == [4, 5, 6, 7]
+    for step in (4, 5, 6, 7):
+        assert_close(scalars["weight_mean/net.1.weight_orig"][step], module.weights[step]["net.1.weight_orig"].mean())
+    check_against_oracle(module, scalars, list(range(8)))  # shared tags on every step, no KeyError
+
+
+def test_layer_replaced_during_fit_is_logged_from_the_new_tensor(tmp_path: Path) -> None:
+    class Replaces(SharedMLP):
+        def on_train_epoch_start(self) -> None:
+            if self.current_epoch == 1:
+                self.net[9] = nn.Linear(8, 3)
+
+    module = Replaces()
+    _, scalars = fit(module, tmp_path, max_steps=6)
+    for step in (4, 5):
+        assert_close(scalars["weight_norm/net.9.weight"][step], module.weights[step]["net.9.weight"].norm().item())
+    check_against_oracle(module, scalars, list(range(6)))
+
+
+# --------------------------------------------------------------------------------------------
+# optimizers, modules without submodules, exceptions, compile
+# --------------------------------------------------------------------------------------------
+class TwoOptimizersOneParameter(Recorder):
+    """Manual optimization; ``head`` is stepped by both optimizers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        first, second = self.optimizers()
+        self.manual_backward(F.cross_entropy(self.head(torch.tanh(self.body(x))), y))
+        first.step()
+        second.step()
+        first.zero_grad()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if optimizer is self.trainer.optimizers[0]:
+            super().on_before_optimizer_step(optimizer)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.parameters(), lr=0.1), torch.optim.SGD(self.head.parameters(), lr=0.1)]
+
+
+def test_parameter_of_two_optimizers_is_written_once_per_step(tmp_path: Path) -> None:
+    module = TwoOptimizersOneParameter()
+    trainer, scalars = fit(module, tmp_path, max_steps=8)  # 4 batches, two steps each
+    for tag in ("grad_norm/head.weight", "weight_mean/head.weight", "grad_norm/body.weight"):
+        assert read_scalar_steps(trainer.logger.log_dir, tag) == [0, 1, 2, 3], tag
+    for step in range(4):  # written at the first optimizer's step, as the module saw it
+        assert_close(scalars["grad_norm/head.weight"][step], module.grads[step]["head.weight"].norm().item())
+        assert_close(scalars["weight_mean/head.weight"][step], module.weights[step]["head.weight"].mean().item())
+
+
+class OwnParameters(pl.LightningModule):
+    """No submodule: ``training_step`` uses its own parameter directly (no forward call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3))
+        self.hooks_seen: dict[int, int] = {}
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.hooks_seen[step_label(self.trainer)] = len(self._forward_pre_hooks)
+        x, y = batch
+        return F.cross_entropy(x @ self.w, y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_module_with_only_its_own_parameters(tmp_path: Path) -> None:
+    from tests.helpers.events import read_texts
+
+    module = OwnParameters()
+    trainer, scalars = fit(module, tmp_path, ParameterMonitor(log_every_n_steps=2), max_steps=6)
+    assert sorted(scalars["grad_norm/w"]) == [1, 3, 5]
+    # step 0 counts calls once; afterwards only logging steps hook
+    assert {s: n > 0 for s, n in module.hooks_seen.items()} == {0: True, 1: True, 2: False, 3: True, 4: False, 5: True}
+    texts = read_texts(trainer.logger.log_dir, "param_monitor/parameters")
+    assert len(texts) == 1 and "| w | 4×3 | 12 | True |" in texts[0][1]
+
+
+def test_exception_on_a_logging_step_leaves_no_hooks(tmp_path: Path) -> None:
+    class Fails(SharedMLP):
+        fail_at: int | None = 1
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            if step_label(self.trainer) == self.fail_at:
+                raise RuntimeError("user code failed")
+            return loss
+
+    module = Fails()
+    with pytest.raises(RuntimeError, match="user code failed"):
+        fit(module, tmp_path / "a", max_steps=4)
+    assert not [m for m in module.modules() if m._forward_pre_hooks or m._forward_hooks]
+    module.fail_at = None
+    module.grads, module.uses, module.weights = {}, {}, {}
+    _, scalars = fit(module, tmp_path / "b", max_steps=3)  # the same model object, fitted again
+    check_against_oracle(module, scalars, [0, 1, 2])
+
+
+def test_compile_in_configure_model_turns_tracking_off_with_warning(tmp_path: Path) -> None:
+    class CompiledLate(SharedMLP):
+        shared_sites = {}
+
+        def configure_model(self) -> None:
+            if not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
+                self.net = torch.compile(self.net, backend="eager")
+
+    module = CompiledLate()
+    with pytest.warns(UserWarning, match="compile"):
+        _, scalars = fit(module, tmp_path, max_steps=2)
+    name = "net._orig_mod.3.weight"
+    for step in (0, 1):
+        assert_close(scalars[f"grad_norm/{name}"][step], module.grads[step][name].norm().item())
+    assert not [t for t in scalars if t.startswith("shared_grad")]
+
+
+# --------------------------------------------------------------------------------------------
+# clear errors
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"include": [1, 2]}, r"`include`.*glob patterns \(str\).*1"),
+        ({"exclude": ("*.bias", None)}, r"`exclude`.*glob patterns \(str\)"),
+        ({"include": 3}, r"`include`.*list"),
+        ({"track_shared": "no"}, r"`track_shared` must be True or False.*'no'"),
+        ({"log_summary": 1}, r"`log_summary` must be True or False"),
+        ({"check_finite_every_step": None}, r"`check_finite_every_step` must be True or False"),
+        ({"raise_on_nonfinite": "yes"}, r"`raise_on_nonfinite` must be True or False"),
+        ({"log_every_n_steps": True}, r"`log_every_n_steps` must be a positive int.*True"),
+        ({"histogram_every_n_steps": True}, r"`histogram_every_n_steps` must be an int >= 0"),
+        ({"aggregate_depth": True}, r"`aggregate_depth` must be a positive int"),
+    ],
+)
+def test_bad_arguments_name_the_allowed_values(kwargs: dict, match: str) -> None:
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match=match):
+        ParameterMonitor(**kwargs)
+
+
+def test_include_patterns_that_match_nothing_are_named(tmp_path: Path) -> None:
+    monitor = ParameterMonitor(include=["net.3.*", "decoder.*", "*.scale"])
+    with pytest.warns(UserWarning, match=r"match no parameter: 'decoder\.\*', '\*\.scale'") as record:
+        _, scalars = fit(SharedMLP(), tmp_path, monitor, max_steps=1)
+    assert not [w for w in record if "net.3" in str(w.message)]
+    logged = {t for t in scalars if t.startswith("weight_mean/")}
+    assert logged == {"weight_mean/net.3.weight", "weight_mean/net.3.bias"}
+
+
+def test_tensorboard_prefix_matches_csv_logger_names(tmp_path: Path) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.custom_scalar import metadata as cs_metadata
+
+    tb = TensorBoardLogger(str(tmp_path), name="tb", prefix="run")
+    csv_logger = CSVLogger(str(tmp_path), name="csv", prefix="run")
+    module = SharedMLP()
+    fit(module, tmp_path, max_steps=2, logger=[tb, csv_logger])
+    scalars = read_scalars(tb.log_dir)
+    rows = list(csv.DictReader(open(Path(csv_logger.log_dir) / "metrics.csv")))
+    csv_names = {k for r in rows for k, v in r.items() if v and k not in ("step", "epoch")}
+    assert "run-train_loss" in scalars and "run-grad_norm/net.3.weight" in csv_names
+    assert set(scalars) == csv_names
+    assert_close(scalars["run-grad_norm/net.3.weight"][1], module.grads[1]["net.3.weight"].norm().item())
+    # the dashboard's charts follow the prefix
+    import re
+
+    events = load_events(tb.log_dir)
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors(cs_metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto.string_val[0])
+    regexes = [t for c in layout.category for chart in c.chart for t in chart.multiline.tag]
+    assert regexes and all(any(re.match(r, tag) for tag in scalars) for r in regexes)
+
+
+class ManualAccumulation(SharedMLP):
+    """Manual optimization that steps every second batch: ``.grad`` holds two batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.manual_backward(F.cross_entropy(self(x), y) / 2)
+        if batch_idx % 2 == 1:
+            opt = self.optimizers()
+            opt.step()
+            opt.zero_grad()
+
+
+def test_manual_accumulation_is_named_as_the_cause(tmp_path: Path) -> None:
+    module = ManualAccumulation()
+    with pytest.warns(UserWarning, match=r"manual optimization.*accumulat") as record:
+        _, scalars = fit(module, tmp_path, max_steps=2)
+    assert not [w for w in record if "outside the forward" in str(w.message)]
+    assert sorted(scalars["grad_norm/net.3.weight"]) == [1, 3]
+    for step in (1, 3):
+        assert_close(scalars["grad_norm/net.3.weight"][step], module.grads[step]["net.3.weight"].norm().item())
+    assert not [t for t in scalars if t.startswith("shared_grad")]  # a part of the gradient is not written

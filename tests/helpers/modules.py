@@ -79,6 +79,7 @@ class Recorder(pl.LightningModule):
         self.uses: dict[int, dict[tuple[str, str], torch.Tensor]] = {}
         self.poison_steps: set[int] = set()
         self.poison_value = float("nan")
+        self.poison_grads: dict[int, list[str]] = {}  # step -> parameters whose gradient turns NaN
 
     def loss_fn(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out, y)
@@ -114,6 +115,11 @@ class Recorder(pl.LightningModule):
     def forward_uses(self, x: torch.Tensor, weights: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
         raise NotImplementedError
 
+    def on_after_backward(self) -> None:
+        params = dict(self.named_parameters())
+        for name in self.poison_grads.get(step_label(self.trainer), []):
+            params[name].grad.fill_(float("nan"))
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # runs after the callbacks' hook: the monitor has seen the gradients as they were
         step = step_label(self.trainer)
@@ -121,7 +127,7 @@ class Recorder(pl.LightningModule):
         self.weights[step] = {
             n: p.detach().clone() for n, p in self.named_parameters() if not isinstance(p, UninitializedParameter)
         }
-        if step in self.poison_steps:  # keep the weights finite so that later steps are clean
+        if step in self.poison_steps or step in self.poison_grads:  # keep the weights finite: later steps clean
             for p in self.parameters():
                 if p.grad is not None:
                     p.grad.nan_to_num_(0.0, 0.0, 0.0)
