@@ -19,9 +19,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from param_monitor import ParameterMonitor
-from param_monitor._lightning import grad_scaler, step_label
+from param_monitor._lightning import grad_scaler, is_compiled, step_label
 from tests.helpers.events import load_events, read_scalar_steps, read_scalars
-from tests.helpers.modules import Recorder, SharedMLP, assert_close, check_against_oracle, fit, loader
+from tests.helpers.modules import Recorder, SharedMLP, assert_close, check_against_oracle, fit, linear, loader
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,7 +141,7 @@ class TiedLM(Recorder):
         return self.model.lm_head(torch.tanh(self.model.mix(self.model.wte(x))))
 
     def forward_uses(self, x: torch.Tensor, w: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        h = torch.tanh(self.model.mix(F.embedding(x, w["model.wte"]["model.wte.weight"])))
+        h = torch.tanh(linear(self.model.mix, F.embedding(x, w["model.wte"]["model.wte.weight"])))
         return F.linear(h, w["model.lm_head"]["model.wte.weight"])
 
 
@@ -194,10 +194,10 @@ class LoopedBlock(Recorder):
         return self.out(h)
 
     def forward_uses(self, x: torch.Tensor, w: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        h = self.inp(x)
+        h = linear(self.inp, x)
         for k in range(3):
             h = torch.tanh(F.linear(h, w[f"block#{k}"]["block.weight"], w[f"block#{k}"]["block.bias"]))
-        return self.out(h)
+        return linear(self.out, h)
 
 
 def test_block_looped_three_times(tmp_path: Path) -> None:
@@ -607,6 +607,7 @@ def test_layer_replaced_during_fit_is_logged_from_the_new_tensor(tmp_path: Path)
         def on_train_epoch_start(self) -> None:
             if self.current_epoch == 1:
                 self.net[9] = nn.Linear(8, 3)
+                self.trainer.optimizers[0].add_param_group({"params": self.net[9].parameters()})
 
     module = Replaces()
     _, scalars = fit(module, tmp_path, max_steps=6)
@@ -707,7 +708,7 @@ def test_compile_in_configure_model_turns_tracking_off_with_warning(tmp_path: Pa
         shared_sites = {}
 
         def configure_model(self) -> None:
-            if not isinstance(self.net, torch._dynamo.eval_frame.OptimizedModule):
+            if not is_compiled(self):
                 self.net = torch.compile(self.net, backend="eager")
 
     module = CompiledLate()

@@ -162,10 +162,18 @@ class SharedMLP(Recorder):
         return self.net(x)
 
     def forward_uses(self, x: torch.Tensor, w: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        h = F.relu(self.net[1](x))
+        # functional calls only: a module call here would be one more use for the monitor
+        h = F.relu(linear(self.net[1], x))
         h = F.relu(F.linear(h, w["net.3"]["net.3.weight"], w["net.3"]["net.3.bias"]))
         h = F.relu(F.linear(h, w["net.6"]["net.3.weight"], w["net.6"]["net.3.bias"]))
-        return self.net[9](h)
+        return linear(self.net[9], h)
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` without calling the module (no forward hooks run; a pruned weight is recomputed, as
+    ``torch.nn.utils.prune``'s pre-hook would)."""
+    pruned = hasattr(layer, "weight_orig")
+    return F.linear(x, layer.weight_orig * layer.weight_mask if pruned else layer.weight, layer.bias)
 
 
 def assert_close(actual: float, expected: float, tol: float = TOL) -> None:
@@ -174,7 +182,9 @@ def assert_close(actual: float, expected: float, tol: float = TOL) -> None:
 
 def check_against_oracle(module: Recorder, scalars: dict[str, dict[int, float]], steps: list[int]) -> None:
     assert steps, "no logged step to check"
+    expected = {f"shared_grad/{name}/{site}" for name, sites in module.shared_sites.items() for site in sites}
     for step in steps:
+        assert {t for t, v in scalars.items() if t.startswith("shared_grad/") and step in v} == expected
         grads = module.grads[step]
         for name, grad in grads.items():
             assert_close(scalars[f"grad_norm/{name}"][step], grad.norm().item())
