@@ -601,8 +601,13 @@ def test_pruning_renames_parameters_and_tracking_survives(tmp_path: Path) -> Non
     pruning = ModelPruning(
         "l1_unstructured", parameters_to_prune=[(module.net[1], "weight")], amount=0.5, make_pruning_permanent=False
     )
-    _, scalars = fit(module, tmp_path, callbacks=[ParameterMonitor(), pruning], max_steps=8)  # pruned after epoch 0
+    from tests.helpers.events import read_texts
+
+    # pruned after epoch 0 (4 steps)
+    trainer, scalars = fit(module, tmp_path, callbacks=[ParameterMonitor(), pruning], max_steps=8)
     assert sorted(scalars["weight_mean/net.1.weight"]) == [0, 1, 2, 3]
+    tables = read_texts(trainer.logger.log_dir, "param_monitor/parameters")
+    assert [s for s, _ in tables] == [0, 4] and "| net.1.weight_orig | 8×4 |" in tables[1][1]
     assert sorted(scalars["weight_mean/net.1.weight_orig"]) == [4, 5, 6, 7]
     for step in (4, 5, 6, 7):
         assert_close(scalars["weight_mean/net.1.weight_orig"][step], module.weights[step]["net.1.weight_orig"].mean())
