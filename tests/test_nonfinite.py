@@ -75,3 +75,27 @@ def test_raise_names_the_first_step_and_layer(tmp_path: Path) -> None:
     monitor = ParameterMonitor(log_every_n_steps=4, check_finite_every_step=True, raise_on_nonfinite=True)
     with pytest.raises(NonFiniteGradientError, match=r"step 2.*net\.9\.bias"):
         fit(module, tmp_path, monitor, max_steps=4)
+
+
+def test_record_grows_and_survives_a_changed_parameter_list() -> None:
+    import torch
+
+    from param_monitor.nonfinite import NonFinitePolicy
+
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    policy = NonFinitePolicy()
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    for step in range(20):  # more clean steps than the record's first size
+        policy.check_step([("a", a), ("b", b)], step)
+    b.grad = torch.tensor([float("inf"), 0.0])
+    policy.check_step([("a", a), ("b", b)], 20)
+    a.grad = torch.tensor([float("nan"), 0.0])
+    policy.check_step([("a", a), ("b", b)], 21)  # later: does not change the first record
+    policy.check_step([("a", a)], 22)  # a new parameter list (b pruned away): a second record
+    report = policy.read_record(policy.device_record().tolist())
+    assert (report.step, report.layers, report.logged, report.first) == (20, ["b"], False, True)
+    assert not policy.pending
+    # the same layers again: nothing new to name; a new layer: named
+    assert policy.from_metrics({"grad_norm/b": float("nan")}, 30) is None
+    later = policy.from_metrics({"grad_norm/a": float("nan"), "grad_norm/b": 1.0}, 31)
+    assert later is not None and (later.step, later.layers, later.first) == (31, ["a"], False)
