@@ -89,8 +89,7 @@ class StatsLayout:
     weight_numels: list[int]
     grad_names: list[str]
     # per shared parameter: (name, site names); the vector holds, for each: the sites' sums of
-    # squares, that of their sum, the pairwise dot products (i < j) when there are more than two
-    # sites, and the sum of squares of (Σ sites − grad).
+    # squares, the pairwise dot products (i < j), and the sum of squares of (Σ sites − grad).
     shared: list[tuple[str, list[str]]] = field(default_factory=list)
     # weights without a mean (complex values)
     no_mean: frozenset[str] = frozenset()
@@ -106,9 +105,9 @@ class StatsLayout:
             Segment("grad_sq", len(g), Reduction.PER_TENSOR, g),
             Segment("dead_rows", len(self.dead_units), Reduction.PER_TENSOR, tuple(n for n, _ in self.dead_units)),
         ]
-        for name, sites in self.shared:  # [‖c_i‖², ‖Σc‖², dots if m > 2, ‖Σc − g‖²]
+        for name, sites in self.shared:  # [‖c_i‖², <c_i, c_j>, ‖Σc − g‖²]
             m = len(sites)
-            segs.append(Segment(f"shared:{name}", m + 1 + _pair_count(m) + 1, Reduction.REPLICATED))
+            segs.append(Segment(f"shared:{name}", m + _pair_count(m) + 1, Reduction.REPLICATED))
         return segs
 
     @property
@@ -207,15 +206,18 @@ def _dead_rows(grad: Tensor) -> Tensor:
 
 
 def _pair_count(m: int) -> int:
-    """Pairwise dot products stored for ``m`` uses: none for two (their dot follows from ‖a+b‖²)."""
-    return 0 if m <= 2 else m * (m - 1) // 2
+    """Pairwise dot products stored for ``m`` uses.
+
+    Always direct dots: deriving <a, b> from ‖a+b‖² − ‖a‖² − ‖b‖² saves a pass but cancels, and
+    cosines near 0 came out 1e-4 wrong (relative) in fp32.
+    """
+    return m * (m - 1) // 2
 
 
 def _shared_partial_sums(grad: Tensor, uses: Sequence[Tensor], grad_scale: Tensor | None) -> Tensor:
-    """[‖c_i‖² (m), ‖S‖², <c_i, c_j> (i<j, only for m > 2), ‖S − grad‖²], S = Σ c_i.
+    """[‖c_i‖² (m), <c_i, c_j> (i<j), ‖S − grad‖²], S = Σ c_i.
 
-    The uses are read, never written (they may be autograd's own tensors). For two uses, the
-    usual case, <a, b> = (‖S‖² − ‖a‖² − ‖b‖²) / 2 saves a pass over both.
+    The uses are read, never written (they may be autograd's own tensors).
     """
     uses = [u.to_dense() if u.is_sparse else u for u in uses]
     total = uses[0]
@@ -223,12 +225,12 @@ def _shared_partial_sums(grad: Tensor, uses: Sequence[Tensor], grad_scale: Tenso
         total = uses[0] + uses[1]
         for other in uses[2:]:
             total.add_(other)
-    sq = _stack_double(_norms([*uses, total])).square()
+    sq = _stack_double(_norms(uses)).square()
     dots = [
         torch.vdot(uses[i].reshape(-1), uses[j].reshape(-1)).real.double()
         for i in range(len(uses))
         for j in range(i + 1, len(uses))
-    ] if len(uses) > 2 else []
+    ]
     # Σ uses − grad: the sum is the monitor's own, not autograd's
     dense_grad = grad.to_dense() if grad.is_sparse else grad
     residual = total.sub_(dense_grad) if len(uses) > 1 else torch.sub(total, dense_grad)
@@ -307,11 +309,8 @@ def _group_sums(names: Sequence[str], depth: int, *columns: Sequence[float]) -> 
 def _finalize_shared(name: str, sites: list[str], it: Iterator[float], grad_norm: float) -> dict[str, float]:
     m = len(sites)
     sq = [next(it) for _ in range(m)]
-    total_sq = next(it)
     pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
     dots = [next(it) for _ in range(_pair_count(m))]
-    if m == 2:
-        dots = [(total_sq - sq[0] - sq[1]) / 2]
     err = math.sqrt(max(next(it), 0.0))
     norms = [math.sqrt(v) for v in sq]
     out = {f"{SHARED_GRAD}/{name}/{site}": norm for site, norm in zip(sites, norms, strict=True)}

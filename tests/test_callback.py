@@ -17,167 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.nn.parameter import UninitializedParameter
 from torch.utils.data import DataLoader, TensorDataset
 
 from param_monitor import ParameterMonitor
-from tests.conftest import read_scalars
-
-TOL = 1e-5
-
-
-def loader(n: int = 32, features: int = 4, classes: int = 3, batch_size: int = 8, seed: int = 0) -> DataLoader:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, features, generator=g)
-    y = torch.randint(0, classes, (n,), generator=g)
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
-
-
-def fit(
-    module: pl.LightningModule,
-    tmp_path: Path,
-    monitor: ParameterMonitor | None = None,
-    data: DataLoader | None = None,
-    **trainer_kwargs: object,
-) -> tuple[pl.Trainer, dict[str, dict[int, float]]]:
-    kwargs: dict = dict(
-        max_steps=4,
-        log_every_n_steps=1,
-        logger=TensorBoardLogger(str(tmp_path), name="tb"),
-        callbacks=[monitor or ParameterMonitor()],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
-    kwargs.update(trainer_kwargs)
-    trainer = pl.Trainer(**kwargs)
-    trainer.fit(module, data or loader())
-    return trainer, read_scalars(trainer.logger.log_dir) if trainer.logger else {}
-
-
-class Recorder(pl.LightningModule):
-    """A LightningModule that records its own gradients and per-use contributions (the oracles).
-
-    Subclasses define ``forward_uses(x, weights)``: the forward pass where each use of a shared
-    parameter reads its own entry of ``weights`` (``{site: {param name: tensor}}``), and
-    ``shared_sites``: ``{param name: [sites]}``.
-    """
-
-    shared_sites: dict[str, list[str]] = {}
-
-    def __init__(self, lr: float = 0.1) -> None:
-        super().__init__()
-        self.lr = lr
-        self.grads: dict[int, dict[str, torch.Tensor]] = {}
-        self.uses: dict[int, dict[tuple[str, str], torch.Tensor]] = {}
-        self.poison_steps: set[int] = set()
-
-    def loss_fn(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(out, y)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
-        self._record_uses(x, y, step)
-        loss = self.loss_fn(self(x), y)
-        if step in self.poison_steps:
-            loss = loss * float("nan")
-        self.log("train_loss", loss)
-        return loss
-
-    def _record_uses(self, x: torch.Tensor, y: torch.Tensor, step: int) -> None:
-        params = dict(self.named_parameters())
-        if not self.shared_sites or any(isinstance(params[n], UninitializedParameter) for n in self.shared_sites):
-            return
-        # each site gets its own detached copy of every shared parameter it uses
-        per_site: dict[str, dict[str, torch.Tensor]] = {}
-        for name, sites in self.shared_sites.items():
-            for site in sites:
-                per_site.setdefault(site, {})[name] = params[name].detach().clone().requires_grad_()
-        with torch.enable_grad():
-            loss = self.loss_fn(self.forward_uses(x, per_site), y) / self.trainer.accumulate_grad_batches
-            flat = [(site, name, t) for site, d in per_site.items() for name, t in d.items()]
-            grads = torch.autograd.grad(loss, [t for _, _, t in flat], allow_unused=True)
-        acc = self.uses.setdefault(step, {})
-        for (site, name, _), g in zip(flat, grads, strict=True):
-            if g is not None:
-                acc[(name, site)] = acc.get((name, site), 0) + g
-
-    def forward_uses(self, x: torch.Tensor, weights: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # runs after the callbacks' hook: the monitor has seen the gradients as they were
-        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
-        self.grads[step] = {n: p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
-        if step in self.poison_steps:  # keep the weights finite so that later steps are clean
-            for p in self.parameters():
-                if p.grad is not None:
-                    p.grad.nan_to_num_(0.0, 0.0, 0.0)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-
-class SharedMLP(Recorder):
-    """The exercise's network: the SAME Linear at positions 3 and 6 of an nn.Sequential."""
-
-    shared_sites = {"net.3.weight": ["net.3", "net.6"], "net.3.bias": ["net.3", "net.6"]}
-
-    def __init__(self, lazy: bool = False, **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        shared = nn.LazyLinear(8) if lazy else nn.Linear(8, 8)
-        first = nn.LazyLinear(8) if lazy else nn.Linear(4, 8)
-        self.net = nn.Sequential(
-            nn.Flatten(),
-            first,
-            nn.ReLU(),
-            shared,
-            nn.ReLU(),
-            nn.Dropout(0.0),
-            shared,
-            nn.ReLU(),
-            nn.Dropout(0.0),
-            nn.LazyLinear(3) if lazy else nn.Linear(8, 3),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def forward_uses(self, x: torch.Tensor, w: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        h = F.relu(self.net[1](x))
-        h = F.relu(F.linear(h, w["net.3"]["net.3.weight"], w["net.3"]["net.3.bias"]))
-        h = F.relu(F.linear(h, w["net.6"]["net.3.weight"], w["net.6"]["net.3.bias"]))
-        return self.net[9](h)
-
-
-def assert_close(actual: float, expected: float, tol: float = TOL) -> None:
-    assert math.isclose(actual, expected, rel_tol=tol, abs_tol=1e-9), (actual, expected)
-
-
-def check_against_oracle(module: Recorder, scalars: dict[str, dict[int, float]], steps: list[int]) -> None:
-    assert steps, "no logged step to check"
-    for step in steps:
-        grads = module.grads[step]
-        for name, grad in grads.items():
-            assert_close(scalars[f"grad_norm/{name}"][step], grad.norm().item())
-        total = math.sqrt(sum(g.double().square().sum().item() for g in grads.values()))
-        assert_close(scalars["grad_norm_total"][step], total)
-        for (name, site), use in module.uses[step].items():
-            assert_close(scalars[f"shared_grad/{name}/{site}"][step], use.norm().item())
-        for name, sites in module.shared_sites.items():
-            uses = [module.uses[step][(name, s)] for s in sites]
-            assert scalars[f"shared_grad_error/{name}"][step] < 1e-6
-            pairs = [(i, j) for i in range(len(uses)) for j in range(i + 1, len(uses))]
-            cos = [F.cosine_similarity(uses[i].flatten(), uses[j].flatten(), dim=0).item() for i, j in pairs]
-            assert_close(scalars[f"shared_grad_cosine/{name}"][step], sum(cos) / len(cos), 1e-4)
-            total_use = sum(u.double() for u in uses)
-            for site, use in zip(sites, uses, strict=True):  # each use's share of the step: <c, S> / ||S||^2
-                share = (use.double() * total_use).sum() / total_use.square().sum()
-                assert abs(scalars[f"shared_grad_share/{name}/{site}"][step] - share.item()) < 1e-6
-            assert abs(sum(scalars[f"shared_grad_share/{name}/{s}"][step] for s in sites) - 1) < 1e-6  # fp32 events
+from param_monitor._lightning import grad_scaler, is_compiled, step_label
+from tests.helpers.events import load_events, read_scalar_steps, read_scalars
+from tests.helpers.modules import Recorder, SharedMLP, assert_close, check_against_oracle, fit, linear, loader
 
 
 # --------------------------------------------------------------------------------------------
@@ -238,8 +83,7 @@ def test_own_frequency_and_no_hooks_on_other_steps(tmp_path: Path) -> None:
     class Spy(SharedMLP):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             assert not self.net[3]._forward_pre_hooks and not self.net[3]._forward_hooks  # never on the model
-            step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
-            hooks_seen[step] = len(module_hooks._global_forward_pre_hooks)
+            hooks_seen[step_label(self.trainer)] = len(module_hooks._global_forward_pre_hooks)
             return super().forward(x)
 
     _, scalars = fit(Spy(), tmp_path, ParameterMonitor(log_every_n_steps=2), max_steps=6, log_every_n_steps=50)
@@ -304,7 +148,7 @@ class TiedLM(Recorder):
         return self.model.lm_head(torch.tanh(self.model.mix(self.model.wte(x))))
 
     def forward_uses(self, x: torch.Tensor, w: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        h = torch.tanh(self.model.mix(F.embedding(x, w["model.wte"]["model.wte.weight"])))
+        h = torch.tanh(linear(self.model.mix, F.embedding(x, w["model.wte"]["model.wte.weight"])))
         return F.linear(h, w["model.lm_head"]["model.wte.weight"])
 
 
@@ -368,10 +212,10 @@ class LoopedBlock(Recorder):
         return self.out(h)
 
     def forward_uses(self, x: torch.Tensor, w: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
-        h = self.inp(x)
+        h = linear(self.inp, x)
         for k in range(3):
             h = torch.tanh(F.linear(h, w[f"block#{k}"]["block.weight"], w[f"block#{k}"]["block.bias"]))
-        return self.out(h)
+        return linear(self.out, h)
 
 
 def test_block_looped_three_times(tmp_path: Path) -> None:
@@ -404,8 +248,8 @@ class FusedAdamMLP(SharedMLP):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
-        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
-        scale = self.trainer.precision_plugin.scaler.get_scale()
+        step = step_label(self.trainer)
+        scale = grad_scaler(self.trainer).get_scale()
         self.grads[step] = {n: g / scale for n, g in self.grads[step].items()}  # the oracle: unscaled
 
 
@@ -416,7 +260,7 @@ def test_16_mixed_logs_unscaled_values_and_skips_overflow(tmp_path: Path, module
     module = module_cls()
     module.poison_steps = {2}  # a NaN loss: GradScaler skips that step
     trainer, scalars = fit(module, tmp_path, max_steps=5, plugins=[MixedPrecision("16-mixed", "cpu")])
-    scaler = trainer.precision_plugin.scaler
+    scaler = grad_scaler(trainer)
     assert scaler is not None and scaler.get_scale() > 1  # the gradients at backward were really scaled
     for step in (0, 1, 3):
         for name, grad in module.grads[step].items():
@@ -454,12 +298,12 @@ def test_check_finite_every_step_sees_nan_between_logging_steps(tmp_path: Path) 
     module = SharedMLP()
     module.poison_steps = {1}
     monitor = ParameterMonitor(log_every_n_steps=4, check_finite_every_step=True)
-    with pytest.warns(UserWarning, match="did not log"):
+    with pytest.warns(UserWarning, match=r"first at step 1, .*not a logging step"):
         fit(module, tmp_path, monitor, max_steps=4)
     # a NaN on the logging step itself is reported as such, with the parameters' names
     module = SharedMLP()
     module.poison_steps = {3}
-    with pytest.warns(UserWarning, match=r"step 3 \(this step\); first in: net\.1\.weight"):
+    with pytest.warns(UserWarning, match=r"first at step 3, in net\.1\.weight.*logged as they are"):
         fit(module, tmp_path / "c", ParameterMonitor(log_every_n_steps=4, check_finite_every_step=True), max_steps=4)
     # and without the opt-in check, nothing is seen
     module = SharedMLP()
@@ -496,8 +340,6 @@ def test_lazy_parameters_materialized_during_fit(tmp_path: Path) -> None:
     assert sorted(scalars["grad_norm/net.3.weight"]) == [0, 1, 2]
     assert sorted(scalars["shared_grad/net.3.weight/net.6"]) == [1, 2]
     check_against_oracle(module, scalars, [1, 2])
-    from tests.conftest import load_events
-
     text = load_events(trainer.logger.log_dir).Tensors("param_monitor/parameters/text_summary")
     table = text[0].tensor_proto.string_val[0].decode()
     assert "| net.3.weight | 8×8 | 64 | True | net.6.weight | net.3, net.6 |" in table
@@ -513,8 +355,6 @@ def test_lazy_module_that_never_runs_does_not_stop_tracking(tmp_path: Path) -> N
     trainer, scalars = fit(module, tmp_path, max_steps=3)
     assert sorted(scalars["shared_grad/net.3.weight/net.6"]) == [0, 1, 2]
     check_against_oracle(module, scalars, [0, 1, 2])
-    from tests.conftest import load_events
-
     text = load_events(trainer.logger.log_dir).Tensors("param_monitor/parameters/text_summary")
     assert len(text) == 1 and "| probe.weight | uninitialized | 0 |" in text[0].tensor_proto.string_val[0].decode()
 
@@ -590,8 +430,6 @@ def test_csv_logger_gets_the_same_scalars(tmp_path: Path) -> None:
 def test_resume_continues_steps_without_duplicates(tmp_path: Path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from tests.conftest import read_scalar_steps
-
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     fit(
@@ -638,8 +476,6 @@ def test_compiled_model_keeps_per_tensor_stats_and_warns(tmp_path: Path) -> None
 
 
 def test_histograms_and_summary_are_written(tmp_path: Path) -> None:
-    from tests.conftest import load_events
-
     trainer, _ = fit(SharedMLP(), tmp_path, ParameterMonitor(histogram_every_n_steps=2), max_steps=4)
     events = load_events(trainer.logger.log_dir)
     hist = events.Histograms("grad_hist/net.3.weight")
@@ -692,7 +528,7 @@ class TwoOptimizers(pl.LightningModule):
         return -self.d(self.g(x)).mean()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = step_label(self.trainer)
         index = [id(o) for o in self.trainer.optimizers].index(id(optimizer))
         self.seen[(step, index)] = {n: p.grad.norm().item() for n, p in self.named_parameters() if p.grad is not None}
 
@@ -715,3 +551,338 @@ def test_two_optimizers_each_logged_with_the_gradients_it_steps_on(tmp_path: Pat
         f"shared_grad/d.0.weight/d.0#{k}" for k in range(4)
     }
     assert "grad_norm_total" not in scalars
+
+
+# --------------------------------------------------------------------------------------------
+# histograms: the gradient the optimizer steps on, or nothing
+# --------------------------------------------------------------------------------------------
+def assert_histogram_of(hist: object, values: torch.Tensor) -> None:
+    v = values.detach().double().flatten()
+    assert hist.num == v.numel()
+    assert_close(hist.min, v.min().item(), 1e-6)
+    assert_close(hist.max, v.max().item(), 1e-6)
+    assert_close(hist.sum_squares, v.square().sum().item(), 1e-5)
+
+
+@pytest.mark.parametrize(
+    "module_cls, overflow",
+    [(SharedMLP, 2), (FusedAdamMLP, 2), (FusedAdamMLP, None)],
+    ids=["unscaled-by-lightning", "fused-adam", "fused-adam-no-overflow"],
+)
+def test_16_mixed_histograms_are_unscaled_and_skip_overflow(
+    tmp_path: Path, module_cls: type[SharedMLP], overflow: int | None
+) -> None:
+    from lightning.pytorch.plugins import MixedPrecision
+
+    from tests.helpers.events import read_histograms
+
+    module = module_cls()
+    module.poison_steps = {overflow} if overflow is not None else set()  # NaN: the scaler skips that step
+    monitor = ParameterMonitor(histogram_every_n_steps=1)
+    trainer, _ = fit(module, tmp_path, monitor, max_steps=4, plugins=[MixedPrecision("16-mixed", "cpu")])
+    assert grad_scaler(trainer).get_scale() > 1
+    hists = read_histograms(trainer.logger.log_dir)
+    for step in sorted(set(range(4)) - {overflow}):
+        for name, grad in module.grads[step].items():  # the module's own record, unscaled
+            assert_histogram_of(hists[f"grad_hist/{name}"][step], grad)
+            assert_histogram_of(hists[f"weight_hist/{name}"][step], module.weights[step][name])
+    if overflow is not None:
+        assert overflow not in hists["grad_hist/net.3.weight"]  # the skipped step: no gradient histogram at all
+        assert overflow in hists["weight_hist/net.3.weight"]
+
+
+def test_nonfinite_gradient_histograms_are_skipped_not_crashed(tmp_path: Path) -> None:
+    from tests.helpers.events import read_histograms
+
+    module = SharedMLP()
+    module.poison_steps = {1}  # all-NaN gradients
+    module.poison_grads = {2: ["net.9.weight"]}  # one all-NaN gradient
+    monitor = ParameterMonitor(histogram_every_n_steps=1)
+    with pytest.warns(UserWarning, match=r"histograms of non-finite.*not written") as record:
+        trainer, scalars = fit(module, tmp_path, monitor, max_steps=4)
+    assert sum("histogram" in str(w.message) for w in record) == 1  # told once
+    hists = read_histograms(trainer.logger.log_dir)
+    assert sorted(hists["grad_hist/net.3.weight"]) == [0, 2, 3]
+    assert sorted(hists["grad_hist/net.9.weight"]) == [0, 3]
+    assert_histogram_of(hists["grad_hist/net.9.bias"][2], module.grads[2]["net.9.bias"])
+    assert sorted(hists["weight_hist/net.9.weight"]) == [0, 1, 2, 3]  # weights stayed finite
+    assert sorted(scalars["grad_norm/net.3.weight"]) == [0, 1, 2, 3]  # the fit ran to its end
+
+
+# --------------------------------------------------------------------------------------------
+# the parameter list follows the module: pruning, replaced layers
+# --------------------------------------------------------------------------------------------
+def test_pruning_renames_parameters_and_tracking_survives(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelPruning
+
+    module = SharedMLP()
+    pruning = ModelPruning(
+        "l1_unstructured", parameters_to_prune=[(module.net[1], "weight")], amount=0.5, make_pruning_permanent=False
+    )
+    from tests.helpers.events import read_texts
+
+    # pruned after epoch 0 (4 steps)
+    trainer, scalars = fit(module, tmp_path, callbacks=[ParameterMonitor(), pruning], max_steps=8)
+    assert sorted(scalars["weight_mean/net.1.weight"]) == [0, 1, 2, 3]
+    tables = read_texts(trainer.logger.log_dir, "param_monitor/parameters")
+    assert [s for s, _ in tables] == [0, 4] and "| net.1.weight_orig | 8×4 |" in tables[1][1]
+    assert sorted(scalars["weight_mean/net.1.weight_orig"]) == [4, 5, 6, 7]
+    for step in (4, 5, 6, 7):
+        assert_close(scalars["weight_mean/net.1.weight_orig"][step], module.weights[step]["net.1.weight_orig"].mean())
+    check_against_oracle(module, scalars, list(range(8)))  # shared tags on every step, no KeyError
+
+
+def test_layer_replaced_during_fit_is_logged_from_the_new_tensor(tmp_path: Path) -> None:
+    class Replaces(SharedMLP):
+        def on_train_epoch_start(self) -> None:
+            if self.current_epoch == 1:
+                self.net[9] = nn.Linear(8, 3)
+                self.trainer.optimizers[0].add_param_group({"params": self.net[9].parameters()})
+
+    module = Replaces()
+    _, scalars = fit(module, tmp_path, max_steps=6)
+    for step in (4, 5):
+        assert_close(scalars["weight_norm/net.9.weight"][step], module.weights[step]["net.9.weight"].norm().item())
+    check_against_oracle(module, scalars, list(range(6)))
+
+
+# --------------------------------------------------------------------------------------------
+# optimizers, modules without submodules, exceptions, compile
+# --------------------------------------------------------------------------------------------
+class TwoOptimizersOneParameter(Recorder):
+    """Manual optimization; ``head`` is stepped by both optimizers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        first, second = self.optimizers()
+        self.manual_backward(F.cross_entropy(self.head(torch.tanh(self.body(x))), y))
+        first.step()
+        second.step()
+        first.zero_grad()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if optimizer is self.trainer.optimizers[0]:
+            super().on_before_optimizer_step(optimizer)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.parameters(), lr=0.1), torch.optim.SGD(self.head.parameters(), lr=0.1)]
+
+
+def test_parameter_of_two_optimizers_is_written_once_per_step(tmp_path: Path) -> None:
+    module = TwoOptimizersOneParameter()
+    trainer, scalars = fit(module, tmp_path, max_steps=8)  # 4 batches, two steps each
+    for tag in ("grad_norm/head.weight", "weight_mean/head.weight", "grad_norm/body.weight"):
+        assert read_scalar_steps(trainer.logger.log_dir, tag) == [0, 1, 2, 3], tag
+    for step in range(4):  # written at the first optimizer's step, as the module saw it
+        assert_close(scalars["grad_norm/head.weight"][step], module.grads[step]["head.weight"].norm().item())
+        assert_close(scalars["weight_mean/head.weight"][step], module.weights[step]["head.weight"].mean().item())
+
+
+class OwnParameters(pl.LightningModule):
+    """No submodule: ``training_step`` uses its own parameter directly (no forward call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3))
+        self.hooks_seen: dict[int, int] = {}
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        from torch.nn.modules import module as module_hooks
+
+        assert not self._forward_pre_hooks  # never on the model
+        self.hooks_seen[step_label(self.trainer)] = len(module_hooks._global_forward_pre_hooks)
+        x, y = batch
+        return F.cross_entropy(x @ self.w, y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_module_with_only_its_own_parameters(tmp_path: Path) -> None:
+    from tests.helpers.events import read_texts
+
+    module = OwnParameters()
+    trainer, scalars = fit(module, tmp_path, ParameterMonitor(log_every_n_steps=2), max_steps=6)
+    assert sorted(scalars["grad_norm/w"]) == [1, 3, 5]
+    # step 0 counts calls once; afterwards only logging steps hook
+    assert {s: n > 0 for s, n in module.hooks_seen.items()} == {0: True, 1: True, 2: False, 3: True, 4: False, 5: True}
+    texts = read_texts(trainer.logger.log_dir, "param_monitor/parameters")
+    assert len(texts) == 1 and "| w | 4×3 | 12 | True |" in texts[0][1]
+
+
+def test_exception_on_a_logging_step_leaves_no_hooks(tmp_path: Path) -> None:
+    class Fails(SharedMLP):
+        fail_at: int | None = 1
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            if step_label(self.trainer) == self.fail_at:
+                raise RuntimeError("user code failed")
+            return loss
+
+    module = Fails()
+    with pytest.raises(RuntimeError, match="user code failed"):
+        fit(module, tmp_path / "a", max_steps=4)
+    assert not [m for m in module.modules() if m._forward_pre_hooks or m._forward_hooks]
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+    module.fail_at = None
+    module.grads, module.uses, module.weights = {}, {}, {}
+    _, scalars = fit(module, tmp_path / "b", max_steps=3)  # the same model object, fitted again
+    check_against_oracle(module, scalars, [0, 1, 2])
+
+
+def test_compile_in_configure_model_turns_tracking_off_with_warning(tmp_path: Path) -> None:
+    class CompiledLate(SharedMLP):
+        shared_sites = {}
+
+        def configure_model(self) -> None:
+            if not is_compiled(self):
+                self.net = torch.compile(self.net, backend="eager")
+
+    module = CompiledLate()
+    with pytest.warns(UserWarning, match="compile"):
+        _, scalars = fit(module, tmp_path, max_steps=2)
+    name = "net._orig_mod.3.weight"
+    for step in (0, 1):
+        assert_close(scalars[f"grad_norm/{name}"][step], module.grads[step][name].norm().item())
+    assert not [t for t in scalars if t.startswith("shared_grad")]
+
+
+# --------------------------------------------------------------------------------------------
+# clear errors
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"include": [1, 2]}, r"`include`.*glob patterns \(str\).*1"),
+        ({"exclude": ("*.bias", None)}, r"`exclude`.*glob patterns \(str\)"),
+        ({"include": 3}, r"`include`.*list"),
+        ({"track_shared": "no"}, r"`track_shared` must be True or False.*'no'"),
+        ({"log_summary": 1}, r"`log_summary` must be True or False"),
+        ({"check_finite_every_step": None}, r"`check_finite_every_step` must be True or False"),
+        ({"raise_on_nonfinite": "yes"}, r"`raise_on_nonfinite` must be True or False"),
+        ({"log_every_n_steps": True}, r"`log_every_n_steps` must be a positive int.*True"),
+        ({"histogram_every_n_steps": True}, r"`histogram_every_n_steps` must be an int >= 0"),
+        ({"aggregate_depth": True}, r"`aggregate_depth` must be a positive int"),
+    ],
+)
+def test_bad_arguments_name_the_allowed_values(kwargs: dict, match: str) -> None:
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match=match):
+        ParameterMonitor(**kwargs)
+
+
+def test_include_patterns_that_match_nothing_are_named(tmp_path: Path) -> None:
+    monitor = ParameterMonitor(include=["net.3.*", "decoder.*", "*.scale"])
+    with pytest.warns(UserWarning, match=r"match no parameter: 'decoder\.\*', '\*\.scale'") as record:
+        _, scalars = fit(SharedMLP(), tmp_path, monitor, max_steps=1)
+    assert not [w for w in record if "net.3" in str(w.message)]
+    logged = {t for t in scalars if t.startswith("weight_mean/")}
+    assert logged == {"weight_mean/net.3.weight", "weight_mean/net.3.bias"}
+
+
+def test_tensorboard_prefix_matches_csv_logger_names(tmp_path: Path) -> None:
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.custom_scalar import metadata as cs_metadata
+
+    tb = TensorBoardLogger(str(tmp_path), name="tb", prefix="run")
+    csv_logger = CSVLogger(str(tmp_path), name="csv", prefix="run")
+    module = SharedMLP()
+    fit(module, tmp_path, max_steps=2, logger=[tb, csv_logger])
+    scalars = read_scalars(tb.log_dir)
+    rows = list(csv.DictReader(open(Path(csv_logger.log_dir) / "metrics.csv")))
+    csv_names = {k for r in rows for k, v in r.items() if v and k not in ("step", "epoch")}
+    assert "run-train_loss" in scalars and "run-grad_norm/net.3.weight" in csv_names
+    assert set(scalars) == csv_names
+    assert_close(scalars["run-grad_norm/net.3.weight"][1], module.grads[1]["net.3.weight"].norm().item())
+    # the dashboard's charts follow the prefix
+    import re
+
+    events = load_events(tb.log_dir)
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors(cs_metadata.CONFIG_SUMMARY_TAG)[0].tensor_proto.string_val[0])
+    regexes = [t for c in layout.category for chart in c.chart for t in chart.multiline.tag]
+    assert regexes and all(any(re.match(r, tag) for tag in scalars) for r in regexes)
+
+
+class ManualAccumulation(SharedMLP):
+    """Manual optimization that steps every second batch: ``.grad`` holds two batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.manual_backward(F.cross_entropy(self(x), y) / 2)
+        if batch_idx % 2 == 1:
+            opt = self.optimizers()
+            opt.step()
+            opt.zero_grad()
+
+
+def test_manual_accumulation_keeps_the_earlier_batches_as_one_site(tmp_path: Path) -> None:
+    # the batches accumulated before the logging one are in `.grad` when tracking starts: they are
+    # the `<earlier>` site, so the sites still add up to the gradient the optimizer steps on
+    import warnings
+
+    module = ManualAccumulation()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, scalars = fit(module, tmp_path, max_steps=2)
+    assert not [w for w in record if "ParameterMonitor" in str(w.message)]
+    assert sorted(scalars["grad_norm/net.3.weight"]) == [1, 3]
+    for step in (1, 3):
+        assert_close(scalars["grad_norm/net.3.weight"][step], module.grads[step]["net.3.weight"].norm().item())
+        assert scalars["shared_grad_error/net.3.weight"][step] < 1e-6
+    sites = {t.rsplit("/", 1)[1] for t in scalars if t.startswith("shared_grad/net.3.weight/")}
+    assert sites == {"<earlier>", "net.3", "net.6"}
+
+
+class GeneratorFirstGAN(pl.LightningModule):
+    """Manual optimization without ``toggle_optimizer``: G steps first, then ``opt_d.zero_grad()`` and D's backward.
+
+    D's shared layer receives G's loss too; ``zero_grad`` erases that from ``.grad``, so the
+    contributions must not keep it either.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        shared = nn.Linear(4, 4)
+        self.d = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 1))
+        self.g = nn.Linear(4, 4)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        opt_d, opt_g = self.optimizers()
+        x = batch[0]
+        self.manual_backward(-self.d(self.g(x)).mean())
+        opt_g.step()
+        opt_g.zero_grad()
+        opt_d.zero_grad()  # empties `.grad` of D, which G's backward filled
+        self.manual_backward(self.d(x).pow(2).mean() + self.d(self.g(x).detach()).mean())
+        opt_d.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.d.parameters(), lr=0.1), torch.optim.SGD(self.g.parameters(), lr=0.1)]
+
+
+def test_gan_contributions_follow_zero_grad(tmp_path: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, scalars = fit(GeneratorFirstGAN(), tmp_path, max_steps=6)
+    assert sorted(scalars["shared_grad_error/d.0.weight"]) == [0, 1, 2]
+    assert max(scalars["shared_grad_error/d.0.weight"].values()) < 1e-6
+    assert not [w for w in record if "outside the forward" in str(w.message)]

@@ -33,6 +33,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from param_monitor import ParameterMonitor, ParameterWatcher
+from param_monitor._lightning import step_label
 from param_monitor.distributed import reduction_group
 from param_monitor.stats import finalize, module_group, pack
 from tests.conftest import read_scalars
@@ -160,7 +161,7 @@ class CountingMonitor(ParameterMonitor):
         self.counts: dict[int, int] = {}
 
     def _counted(self, trainer: pl.Trainer, hook: Callable[[], None]) -> None:
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = step_label(trainer)
         with count_collectives() as calls:
             hook()
         self.counts[step] = self.counts.get(step, 0) + len(calls)

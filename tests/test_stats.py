@@ -124,7 +124,7 @@ def test_layout_declares_every_position_once_with_its_reduction() -> None:
     ]
     # two ranks, `x` sharded (each element on one rank), `w` replicated on both
     weights = layout.replica_weights({"x": 1.0, "w": 2.0}, world_size=2, length=packed.numel() + 1)
-    assert weights.tolist() == [1, 0.5, 1, 0.5, 1, 0.5, 1] + [0.5] * 4 + [1.0]
+    assert weights.tolist() == [1, 0.5, 1, 0.5, 1, 0.5, 1] + [0.5] * 4 + [1.0]  # shared: 2 norms, 1 dot, error
 
 
 def test_empty_layout() -> None:
