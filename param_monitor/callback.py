@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 
 from param_monitor import distributed, stats
 from param_monitor.table import format_markdown, parameter_table
+from param_monitor.update_ratio import UpdateRatio
 from param_monitor.watcher import ParameterWatcher
 from param_monitor.writers import write_scalars
 
@@ -57,6 +58,11 @@ class ParameterMonitor(Callback):
     ``shared_grad_error/{name}``      ``‖Σ_sites contribution − grad‖ / ‖grad‖`` (≈1e-7 when every
                                       use is seen)
     ``shared_grad_cosine/{name}``     mean pairwise cosine between the uses' contributions
+    ``update_ratio/{name}``           ``‖w_after − w_before‖ / ‖w_before‖`` of the optimizer step the
+                                      logging step takes (``log_update_ratio=True``; per module with
+                                      ``aggregate_depth``); nothing for a step GradScaler skips
+    ``dead_units/{name}``             Linear/Conv weights: fraction of output units (rows) whose
+                                      gradient row is exactly zero on this batch (``log_dead_units=True``)
     ================================  ===============================================================
 
     With ``aggregate_depth=k`` the ``weight_*`` and ``grad_norm`` keys name MODULES instead of
@@ -98,6 +104,9 @@ class ParameterMonitor(Callback):
         exclude: glob patterns of parameter names to leave out.
         aggregate_depth: report ``weight_*``/``grad_norm`` per module at this depth (see above)
             instead of per tensor: tens of tags instead of thousands (default: per tensor).
+        log_update_ratio: log ``update_ratio/{name}``; copies the weights on logging steps only
+            (one fused copy, freed after the step).
+        log_dead_units: log ``dead_units/{name}`` (a per-batch measure: units silent for this batch).
     """
 
     def __init__(
@@ -111,6 +120,8 @@ class ParameterMonitor(Callback):
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         aggregate_depth: int | None = None,
+        log_update_ratio: bool = False,
+        log_dead_units: bool = False,
     ) -> None:
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
             raise MisconfigurationException(
@@ -124,6 +135,9 @@ class ParameterMonitor(Callback):
             raise MisconfigurationException(
                 f"`aggregate_depth` must be a positive int or None (per tensor), got {aggregate_depth!r}."
             )
+        for arg, flag in (("log_update_ratio", log_update_ratio), ("log_dead_units", log_dead_units)):
+            if not isinstance(flag, bool):
+                raise MisconfigurationException(f"`{arg}` must be a bool, got {flag!r}.")
         for arg, value in (("include", include), ("exclude", exclude)):
             if isinstance(value, str):
                 raise MisconfigurationException(f"`{arg}` must be a list of glob patterns, not a string: {value!r}.")
@@ -136,6 +150,8 @@ class ParameterMonitor(Callback):
         self.include = list(include) if include is not None else None
         self.exclude = list(exclude) if exclude is not None else None
         self.aggregate_depth = aggregate_depth
+        self.log_update_ratio = log_update_ratio
+        self.log_dead_units = log_dead_units
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
@@ -151,12 +167,14 @@ class ParameterMonitor(Callback):
         self._warned_nonfinite = False
         self._warned_unseen: set[str] = set()
         self._nonfinite_flag: Tensor | None = None
+        self._update_ratio = UpdateRatio(self.aggregate_depth) if self.log_update_ratio else None
 
     # -- pickling (ddp_spawn): hooks and module references are not state -----------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_watcher"] = None
         state["_nonfinite_flag"] = None
+        state["_update_ratio"] = None
         return state
 
     # -- set-up ---------------------------------------------------------------------------
@@ -191,6 +209,7 @@ class ParameterMonitor(Callback):
             include=self.include,
             exclude=self.exclude,
             aggregate_depth=self.aggregate_depth,
+            **({"dead_units": True} if self.log_dead_units else {}),
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -242,6 +261,8 @@ class ParameterMonitor(Callback):
         if id(optimizer) in self._stepped_optimizers:
             return
         self._stepped_optimizers.add(id(optimizer))
+        if self._update_ratio is not None:  # its values are written by the optimizer's step, if it runs
+            self._update_ratio.arm(optimizer, watcher.named_params, lambda m: self._write_scalars(trainer, m, step))
         names = self._names_stepped_by(trainer, optimizer, watcher) if several else None
         metrics = self._compute(trainer, watcher, optimizer, names)
         if several:  # one total per optimizer: their steps see different gradients
@@ -279,6 +300,8 @@ class ParameterMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._update_ratio is not None:  # a copy whose step did not run (skipped by GradScaler)
+            self._update_ratio.release()
         # a step that never reached the optimizer (training_step returned None): drop its hooks
         watcher = self._watcher
         if watcher is not None and watcher.tracking and not trainer.fit_loop._should_accumulate():
@@ -286,6 +309,8 @@ class ParameterMonitor(Callback):
             self._logging_step = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._update_ratio is not None:
+            self._update_ratio.release()
         if self._watcher is not None:
             self._watcher.end_step()
         for logger in trainer.loggers:
