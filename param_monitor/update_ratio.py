@@ -77,7 +77,8 @@ def _fused_copy(tensors: Sequence[Tensor]) -> list[Tensor]:
     copies: list[Tensor | None] = [None] * len(tensors)
     for (device, dtype), indices in groups.items():
         flat = torch.empty(sum(tensors[i].numel() for i in indices), device=device, dtype=dtype)
-        views = [t.view(tensors[i].shape) for i, t in zip(indices, flat.split([tensors[i].numel() for i in indices]))]
+        pieces = flat.split([tensors[i].numel() for i in indices])
+        views = [piece.view(tensors[i].shape) for i, piece in zip(indices, pieces, strict=True)]
         torch._foreach_copy_(views, [tensors[i] for i in indices])
         for i, view in zip(indices, views, strict=True):
             copies[i] = view
@@ -115,7 +116,7 @@ class UpdateRatio:
         named_params: Sequence[tuple[str, nn.Parameter]],
         write: Callable[[Metrics], Any],
     ) -> None:
-        """Copy the parameters of ``named_params`` that ``optimizer`` steps on; at its next step, ``write`` the ratios."""
+        """Copy the parameters of ``named_params`` that ``optimizer`` steps on; its next step ``write`` s the ratios."""
         if id(optimizer) in self._armed:
             return
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
