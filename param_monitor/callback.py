@@ -424,7 +424,7 @@ class ParameterMonitor(Callback):
         shared = {n: s for n, s in call_sites.items() if n in shared_names}
         for writer in self._tensorboard_writers(trainer):
             writer.add_text(SUMMARY_TAG, table, global_step=step)
-            _write_layout(writer, shared)
+            _write_layout(writer, shared, self.log_update_ratio, self.log_dead_units)
         self._summary_pending = False
 
     def _write_histograms(self, trainer: pl.Trainer, watcher: ParameterWatcher, step: int) -> None:
@@ -437,10 +437,10 @@ class ParameterMonitor(Callback):
                     writer.add_histogram(f"{GRAD_HIST}/{name}", param.grad.detach().float(), step)
 
 
-def _write_layout(writer: Any, shared_sites: dict[str, list[str]]) -> None:
+def _write_layout(writer: Any, shared_sites: dict[str, list[str]], update_ratio: bool, dead_units: bool) -> None:
     from param_monitor.dashboard import custom_scalars_layout, write_layout
 
-    write_layout(writer, custom_scalars_layout(shared_sites))
+    write_layout(writer, custom_scalars_layout(shared_sites, update_ratio=update_ratio, dead_units=dead_units))
 
 
 def _step(trainer: pl.Trainer) -> int:

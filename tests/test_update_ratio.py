@@ -306,3 +306,37 @@ def test_dead_units_of_hand_built_layers(tmp_path: Path) -> None:
         assert scalars["dead_units/head.weight"][step] == 0.0
     assert "dead_units/emb.weight" not in scalars  # embeddings: not a unit
     assert not any(t.startswith("dead_units/") and t.endswith(".bias") for t in scalars)
+
+
+# --------------------------------------------------------------------------------------------
+# the TensorBoard layout
+# --------------------------------------------------------------------------------------------
+def written_charts(log_dir: str) -> dict[str, list[str]]:
+    """Chart title -> regexes of the custom-scalars layout the run wrote (TensorBoard's reader)."""
+    from tensorboard.backend.event_processing import plugin_event_accumulator as pea
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.plugins.custom_scalar import metadata as cs_metadata
+    from tensorboard.util import tensor_util
+
+    acc = pea.EventAccumulator(log_dir)
+    acc.Reload()
+    (event,) = acc.Tensors(cs_metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(event.tensor_proto).item())
+    return {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
+
+
+@pytest.mark.parametrize("on", [True, False], ids=["flags-on", "flags-off"])
+def test_layout_charts_the_update_ratio_and_dead_units_when_logged(tmp_path: Path, on: bool) -> None:
+    import re
+
+    from param_monitor.dashboard import DEAD_UNITS_CHART, UPDATE_RATIO_CHART
+
+    trainer, scalars = fit(WeightRecorder(), tmp_path, ParameterMonitor(log_update_ratio=on), max_steps=2)
+    charts = written_charts(trainer.logger.log_dir)
+    assert (UPDATE_RATIO_CHART[0] in charts) is on
+    assert DEAD_UNITS_CHART[0] not in charts  # not asked for
+    assert "1e-3" in UPDATE_RATIO_CHART[0]  # the guide, as text: custom scalars draw no constant line
+    if on:
+        (regex,) = charts[UPDATE_RATIO_CHART[0]]
+        shown = {t for t in scalars if re.match(regex, t)}
+        assert shown == {f"update_ratio/{n}" for n in UNIQUE}
