@@ -104,7 +104,7 @@ class UpdateRatio:
     def __init__(self, aggregate_depth: int | None = None) -> None:
         self.aggregate_depth = aggregate_depth
         self._armed: dict[int, tuple[_Snapshot, RemovableHandle]] = {}
-        self._warned_zero: set[str] = set()
+        self._warned_zero = False
 
     @property
     def armed(self) -> bool:
@@ -175,15 +175,19 @@ class UpdateRatio:
         if self.aggregate_depth is not None:
             names, deltas, befores = _group(names, deltas, befores, self.aggregate_depth)
         metrics: Metrics = {}
+        zero = []
         for name, delta, before in zip(names, deltas, befores, strict=True):
             if before > 0.0:
                 metrics[tags.update_ratio(name)] = math.sqrt(delta / before)
-            elif name not in self._warned_zero:  # no relative change of a zero tensor: write nothing
-                self._warned_zero.add(name)
-                distributed.warn_rank_zero(
-                    f"`ParameterMonitor`: `{name}` was all zeros before the step, so its update ratio "
-                    "‖Δw‖/‖w‖ is undefined and is not logged (this warning is shown once)."
-                )
+            else:  # no relative change of an all-zero tensor (a zero-initialised bias): write nothing
+                zero.append(name)
+        if zero and not self._warned_zero:
+            self._warned_zero = True
+            distributed.warn_rank_zero(
+                f"`ParameterMonitor`: {len(zero)} tensor(s) were all zeros before the step (first: "
+                f"{', '.join(zero[:3])}): their update ratio ‖Δw‖/‖w‖ is undefined and is not logged while "
+                "they are zero. This warning is shown once."
+            )
         return metrics
 
 
