@@ -15,7 +15,7 @@ from lightning.fabric.utilities.seed import seed_everything
 from torch.nn import functional as F
 
 from experiments.data import TensorBatchLoader, ensure_fashion_mnist, load_split
-from experiments.models import SharedMLP, materialize
+from experiments.models import SharedMLP, materialize_seeded
 
 
 @dataclass
@@ -61,13 +61,14 @@ def train_plain(
     batch_size: int = 256,
     tied: bool = True,
     validate_every_epoch: bool = True,
+    init_seed: int | None = None,
 ) -> PlainResult:
     """SGD on cross-entropy, as the Lightning module; validates after every epoch (as Lightning does)."""
     start = time.perf_counter()
     seed_everything(seed, verbose=False)
     # Same draw as FashionMNISTDataModule.setup, at the same point of the global RNG stream.
     generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-    model = materialize(SharedMLP(tied=tied))
+    model = materialize_seeded(SharedMLP(tied=tied), init_seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     train = TensorBatchLoader(splits.train_x, splits.train_y, batch_size, shuffle=True, generator=generator)
     val = TensorBatchLoader(splits.val_x, splits.val_y, batch_size)
