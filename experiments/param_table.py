@@ -28,9 +28,10 @@ def table(module: nn.Module, input_shape: tuple[int, ...]) -> str:
     """Markdown table of ``module`` after a dummy forward, with the call sites that forward used."""
     materialize(module, input_shape)
     tracker = SharedUseTracker(module)
-    tracker.start(capture=False)  # only count calls, to name each parameter's call sites
+    tracker.start(capture=False)  # only name each parameter's call sites (no buffers)
     tracker.begin_forward()
-    module(torch.zeros(1, *input_shape))  # with autograd on: the tracker ignores no-grad (eval) passes
+    out = module(torch.zeros(1, *input_shape))  # with autograd on: the uses are read off its graph
+    tracker.before_backward(out)
     tracker.stop()
     return format_markdown(parameter_table(module, tracker.call_sites()))
 

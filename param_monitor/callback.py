@@ -240,6 +240,16 @@ class ParameterMonitor(Callback):
             self._logging_step = step if logs else None
         watcher.begin_forward()
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        # each backward of a tracked step: its graph is walked for the uses of shared parameters
+        if self._watcher is not None and self._watcher.tracking:
+            self._watcher.before_backward(loss)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # one backward's contributions are complete; the micro-batches' add up in the same buffers
+        if self._watcher is not None and self._watcher.tracking:
+            self._watcher.after_backward()
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
@@ -317,6 +327,11 @@ class ParameterMonitor(Callback):
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
                 logger.experiment.flush()
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # the hooks of a tracked step (global module hooks, graph hooks) must not outlive the fit
+        if self._watcher is not None:
+            self._watcher.end_step()
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._watcher is not None:
             self._watcher.end_step()
@@ -336,6 +351,7 @@ class ParameterMonitor(Callback):
             else:
                 grad_scale = inv_scale.double().square()  # optimizer unscales itself: scale the sums
         group = distributed.reduction_group()  # every rank reaches here on the same steps
+        self._warn_unattributed(watcher)
         packed, layout = watcher.pack(contribution_scale, grad_scale, group, names)
         flag = self._nonfinite_flag
         if flag is not None:
@@ -349,9 +365,21 @@ class ParameterMonitor(Callback):
         self._warn_unseen_uses(metrics, layout)
         return self._handle_nonfinite(metrics, scaler is not None, _step(trainer))
 
+    def _warn_unattributed(self, watcher: ParameterWatcher) -> None:
+        tracker = watcher.tracker
+        if tracker is None or not tracker.active or not tracker.has_seen_forward:
+            return
+        for name, why in tracker.unattributed().items():
+            if name not in self._warned_unseen:
+                self._warned_unseen.add(name)
+                rank_zero_warn(
+                    f"`ParameterMonitor`: the uses of `{name}` cannot all be seen ({why}): its per-use "
+                    "contributions are not logged."
+                )
+
     def _warn_unseen_uses(self, metrics: dict[str, float], layout: stats.StatsLayout) -> None:
-        # A use outside any owning module's forward (``x @ self.wte.weight.T`` in a parent module)
-        # reaches the parameter directly: the sites then do not add up to the gradient.
+        # Every use in the walked graph is split; a gap means part of `.grad` came from elsewhere
+        # (a backward of its own inside the graph, a gradient written by hand).
         for name, _ in layout.shared:
             error = metrics.get(f"{stats.SHARED_GRAD_ERROR}/{name}", 0.0)
             # a NaN/inf gradient makes the error meaningless: the non-finite warning covers it
@@ -359,8 +387,8 @@ class ParameterMonitor(Callback):
                 self._warned_unseen.add(name)
                 rank_zero_warn(
                     f"`ParameterMonitor`: the uses seen of shared parameter `{name}` add up to its gradient only "
-                    f"within {error:.2g} (relative): it is also used outside the forward of the modules that own it "
-                    "(e.g. `x @ module.weight.T` in a parent), and that use is not reported as a site."
+                    f"within {error:.2g} (relative): part of its gradient did not come through the backward passes "
+                    "the monitor walked (reentrant checkpointing, or a gradient written or accumulated by hand)."
                 )
 
     def _handle_nonfinite(self, metrics: dict[str, float], scaled: bool, step: int) -> dict[str, float]:

@@ -17,43 +17,28 @@ Without an initialized process group (or with one process) every helper is a no-
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-try:  # DTensor lives in torch.distributed.tensor since torch 2.4
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - builds without distributed support
-    DTensor = None  # type: ignore[assignment,misc]
+from param_monitor.dtensor import is_dtensor, is_sharded, local_tensor, replication_factor
 
-if TYPE_CHECKING:  # stats.py imports this module (local_tensor)
-    from param_monitor.stats import StatsLayout
+__all__ = [
+    "all_reduce_sum",
+    "average_contributions",
+    "is_dtensor",
+    "is_rank_zero",
+    "is_sharded",
+    "local_tensor",
+    "reduction_group",
+    "replication_factor",
+    "warn_rank_zero",
+]
 
 ProcessGroup = dist.ProcessGroup if dist.is_available() else object
-
-
-def is_dtensor(t: object) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def is_sharded(t: object) -> bool:
-    """Whether ``t`` is a DTensor split across ranks (FSDP2 ``fully_shard`` params and grads are)."""
-    return is_dtensor(t) and any(p.is_shard() for p in t.placements)  # type: ignore[union-attr]
-
-
-def local_tensor(t: Tensor) -> Tensor:
-    """This rank's piece of ``t`` (a DTensor's unpadded local shard, read-only use), ``t`` itself otherwise."""
-    if not is_dtensor(t):
-        return t
-    # no_grad: `to_local` is then a plain attribute read (~0.3 us), not an autograd op (~10 us);
-    # take it before any `.detach()`, which costs ~25 us on a DTensor (1,000 tensors: 25 ms).
-    with torch.no_grad():
-        return t.to_local()  # type: ignore[union-attr]
 
 
 def reduction_group() -> ProcessGroup | None:
@@ -71,36 +56,6 @@ def warn_rank_zero(message: str) -> None:
     """One warning per job, not one per rank."""
     if is_rank_zero():
         warnings.warn(message, stacklevel=3)
-
-
-def replication_factor(t: Tensor, world_size: int) -> float:
-    """How many ranks of the world hold each element of ``t``: summing over the world counts it that often.
-
-    1 for a parameter sharded over the whole world (FSDP2), the replicate size for HSDP-style meshes,
-    ``world_size`` for a plain (replicated) tensor.
-    """
-    if not is_dtensor(t):
-        return float(world_size)
-    mesh = t.device_mesh  # type: ignore[union-attr]
-    shards = math.prod(mesh.size(i) for i, p in enumerate(t.placements) if p.is_shard())  # type: ignore[union-attr]
-    return world_size / shards
-
-
-def replica_weights(layout: StatsLayout, factors: Mapping[str, float], length: int) -> Tensor | None:
-    """Per-position weights (1/replication) of a packed vector, ``None`` when all are 1.
-
-    Positions past the per-tensor sums (shared-use sums, flags) get weight 1; ``length`` is the
-    packed vector's size, which may include such trailing entries.
-    """
-    per_tensor = [
-        *(factors[n] for n in layout.weight_names),
-        *(factors[n] for n in layout.weight_names),
-        *(factors[n] for n in layout.grad_names),
-    ]
-    if all(f == 1.0 for f in per_tensor):
-        return None
-    weights = [1.0 / f for f in per_tensor] + [1.0] * (length - len(per_tensor))
-    return torch.tensor(weights, dtype=torch.float64)
 
 
 def all_reduce_sum(packed: Tensor, group: ProcessGroup | None) -> Tensor:

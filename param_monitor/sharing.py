@@ -1,26 +1,42 @@
-"""Per-use gradient contributions of shared parameters, without changing the model.
+"""Per-use gradient contributions of shared parameters, read off autograd's graph.
 
-Autograd sums the gradients of every use of a tensor into one ``.grad``; the uses are gone by
-the time an optimizer sees it. To see them, while tracking is on, each module that owns
-parameters gets a forward pre-hook that puts a fresh *view* of each of its parameters in its
-``_parameters`` slot for the duration of that call (and a forward hook, always called, that puts
-the parameter back). A view has the same values and passes its gradient straight to the
-parameter, so outputs, gradients and ``state_dict`` keys are unchanged; but a hook on the view
-sees exactly the gradient of that one use. Only uses of *shared* parameters are kept, in one
-fp32 buffer per use (summed over micro-batches); nothing else is allocated.
+Autograd sums the gradients of every use of a leaf tensor into one ``.grad``: each use is one
+edge into the parameter's gradient accumulator (``AccumulateGrad``). So, on a logging step only,
+:meth:`SharedUseTracker.before_backward` walks the graph from the loss, finds the edges into the
+accumulator of every monitored parameter, and hooks the node at the other end of each edge
+(``Node.register_hook``): its ``grad_inputs[i]`` is exactly that use's contribution, whoever made
+the use (a module's forward, ``F.linear(h, self.wte.weight)`` in a parent, a penalty in
+``training_step``, ``nn.MultiheadAttention`` reading ``out_proj.weight`` itself). The model is
+never touched: nothing is put in its parameter slots or its hook dicts, so a ``deepcopy`` or a
+pickle of it carries nothing of the monitor, and its outputs and gradients are bit-identical.
 
-A parameter is shared when it is registered under several names, or when a module that owns it
-runs more than once in a forward pass. Once a forward pass has been counted, only parameters that
-were shared in it get views; a module that starts running twice is picked up from the next
-forward pass on. Sites are named by module path:
+Where uses meet before the accumulator (autocast's weight-cast cache makes one ``ToCopyBackward0``
+for every use of a weight; ``w2 = w * 2`` used twice), the walk looks through single-output
+nodes to the point where the gradient path really branches, hooks each branch, and maps its
+gradient down to the parameter by applying the nodes in between (their backward is linear in
+the gradient): the uses are split where they happen.
 
-- a module called once: its (first) path (``lm_head``, ``transformer.wte``);
-- a module registered at k positions of one ``nn.Sequential`` and called k times: its i-th call
-  is its i-th path (``net.3``, ``net.6``): a Sequential runs its entries in that order;
-- otherwise ``{path}#{i}``, i counted from 0 in call order.
+Sites are named by module call. While tracking, global module forward hooks (installed on
+logging steps only, never on the model) record the window of autograd sequence numbers that
+each module call spans; a use belongs to the innermost module call whose window holds the node
+that consumed the parameter (``Node._sequence_nr()``):
 
-A use made outside any owning module's forward (``x @ self.wte.weight.T`` in a parent) reaches
-the parameter directly and is not seen: the monitor's ``shared_grad_error`` then shows the gap.
+- a module called once in the forward pass: its (first) path (``lm_head``, ``transformer.wte``);
+- a module registered at k positions of one ``nn.Sequential`` (whose own forward runs them in
+  order) and called k times by that Sequential's single call: its i-th call is its i-th path
+  (``net.3``, ``net.6``);
+- otherwise ``{path}#{i}``, i counted from 0 in call order (recursion, loops, ``forward()`` of a
+  Sequential subclass, the same module under several attribute names);
+- a use in the root module's own forward: ``<root>``; outside every module call (a penalty
+  term in ``training_step``): ``<outside>``;
+- several uses inside one call: ``{site}:{j}``, j from 0 in creation order;
+- gradient that was already in ``.grad`` when tracking began, or that ``.grad`` kept through a
+  change made between two backward passes (manual accumulation, ``zero_grad(set_to_none=False)``):
+  ``<earlier>``, so that the sites still add up to ``.grad``.
+
+Only *shared* parameters keep buffers: one per use, in fp32 (fp64/complex parameters keep
+their dtype), summed over the micro-batches of the step. A parameter is shared when it is
+registered under several names or gets more than one contribution in a step.
 
 >>> import torch, torch.nn as nn
 >>> shared = nn.Linear(1, 1, bias=False)
@@ -29,7 +45,10 @@ the parameter directly and is not seen: the monitor's ``shared_grad_error`` then
 >>> tracker = SharedUseTracker(net)
 >>> tracker.start()
 >>> tracker.begin_forward()
->>> net(torch.ones(1, 1)).sum().backward()
+>>> loss = net(torch.ones(1, 1)).sum()
+>>> tracker.before_backward(loss)
+>>> loss.backward()
+>>> tracker.after_backward()
 >>> tracker.stop()
 >>> {name: {site: t.item() for site, t in sites.items()} for name, sites in tracker.contributions().items()}
 {'0.weight': {'0': 3.0, '1': 3.0}}
@@ -39,15 +58,57 @@ the parameter directly and is not seen: the monitor's ``shared_grad_error`` then
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.autograd.graph import Node, get_gradient_edge
+from torch.nn.parameter import UninitializedParameter
 from torch.utils.hooks import RemovableHandle
 
-from param_monitor.table import parameter_aliases
+from param_monitor.parameters import parameter_aliases
+
+ROOT_SITE = "<root>"
+OUTSIDE_SITE = "<outside>"
+EARLIER_SITE = "<earlier>"
+# Python-implemented nodes that run a graph of their own inside backward: uses inside are not edges of ours.
+_OPAQUE_NODES = {"CheckpointFunctionBackward": "reentrant activation checkpointing (`use_reentrant=True`)"}
+
+
+@dataclass
+class _Call:
+    """One module call: the sequence numbers of the autograd nodes it created lie in (start, end)."""
+
+    module_id: int
+    index: int  # the index of this call among the module's calls in this forward pass
+    start: int
+    parent: _Call | None
+    end: float = float("inf")
+
+
+@dataclass
+class _Use:
+    """One edge into a parameter's gradient: ``node``'s ``grad_inputs[slot]``, mapped through ``chain``."""
+
+    pid: int
+    node: Node
+    slot: int
+    chain: tuple[tuple[Node, int], ...]  # (node to apply, index of its output toward the parameter)
+    seq: int
+
+
+@dataclass
+class _ParamState:
+    """What a shared parameter's buffers hold in this step."""
+
+    buffers: dict[str, Tensor] = field(default_factory=dict)
+    grad_ref: tuple[int, int] | None = None  # (id, _version) of `.grad` after our last backward
+    single_sites: list[str] = field(default_factory=list)  # untracked backward passes: their one site
 
 
 class SharedUseTracker:
@@ -57,38 +118,37 @@ class SharedUseTracker:
         self._root = root
         aliases = parameter_aliases(root)
         self._name_of: dict[int, str] = {}
+        self._param_of: dict[int, nn.Parameter] = {}
         self._statically_shared: set[int] = set()
         for name, param in root.named_parameters():
             if param_filter is not None and not param_filter(name):
                 continue
             self._name_of[id(param)] = name
+            self._param_of[id(param)] = param
             if aliases.get(name):
                 self._statically_shared.add(id(param))
         self._paths: dict[int, list[str]] = {}
         modules_at: dict[str, nn.Module] = {}
         for path, module in root.named_modules(remove_duplicate=False):
-            self._paths.setdefault(id(module), []).append(path or "<root>")
+            self._paths.setdefault(id(module), []).append(path)
             modules_at[path] = module
-        self._in_call_order = {mid for mid, paths in self._paths.items() if _called_in_path_order(paths, modules_at)}
-        # modules that own a tracked parameter directly, and which ones (trainable or not: a
-        # parameter may be frozen now and unfrozen later, e.g. by BackboneFinetuning)
-        self._owned: list[tuple[nn.Module, list[str]]] = []
-        self._owners_of: dict[int, list[int]] = {}
-        for module in _unique_modules(root):
-            local = [
-                local_name for local_name, p in module._parameters.items() if p is not None and id(p) in self._name_of
-            ]
-            if local:
-                self._owned.append((module, local))
-                for local_name in local:
-                    self._owners_of.setdefault(id(module._parameters[local_name]), []).append(id(module))
+        self._sequential_parent = {
+            mid: _sequential_parent(paths, modules_at) for mid, paths in self._paths.items() if len(paths) > 1
+        }
+        self._probe = torch.zeros((), requires_grad=True)
         self._handles: list[RemovableHandle] = []
-        self._calls: dict[int, int] = {}
-        self._last_calls: dict[int, int] = {}
-        self._call_order: dict[tuple[int, int], int] = {}  # (module, k) -> position in the forward
-        self._site_order: dict[str, int] = {}
+        self._node_handles: list[RemovableHandle] = []
         self._capture = False
-        self._buffers: dict[str, dict[str, Tensor]] = {}
+        self._reset_forward()
+        self._states: dict[int, _ParamState] = {}
+        self._site_order: dict[str, int] = {}
+        self._sites_seen: dict[int, list[str]] = {}
+        self._last_sites: dict[int, list[str]] = {}
+        self._last_order: dict[str, int] = {}
+        self._shared_seen: set[int] = set()
+        self._last_shared: set[int] = set()
+        self._opaque: dict[str, str] = {}  # opaque node kind -> why its uses cannot be seen
+        self._walked = False
 
     # -- life cycle -------------------------------------------------------------------------
     @property
@@ -96,145 +156,371 @@ class SharedUseTracker:
         return bool(self._handles)
 
     def start(self, capture: bool = True) -> None:
-        """Install the hooks. ``capture=False`` only counts calls (to name call sites)."""
+        """Begin a tracked step. ``capture=False`` only names the uses (for the parameter table)."""
         if self.active:
             return
         self._capture = capture
-        self._buffers = {}
+        self._states = {}
         self._site_order = {}
-        self._calls = {}
-        self._call_order = {}
-        for module, local in self._owned:
-            pre = partial(self._before_call, local_names=local)
-            post = partial(self._after_call, local_names=local)
-            self._handles.append(module.register_forward_pre_hook(pre))
-            self._handles.append(module.register_forward_hook(post, always_call=True))
+        self._sites_seen = {}
+        self._shared_seen = set()
+        self._opaque = {}
+        self._walked = False
+        self._reset_forward()
+        module_hooks = torch.nn.modules.module
+        self._handles.append(module_hooks.register_module_forward_pre_hook(self._before_call))
+        self._handles.append(module_hooks.register_module_forward_hook(self._after_call, always_call=True))
 
     def begin_forward(self) -> None:
         """Call before each forward pass (micro-batch): call indices restart from 0."""
-        if self._calls:
-            self._last_calls = self._calls
-        self._calls = {}
-        self._call_order = {}
+        self._reset_forward()
 
     def stop(self) -> None:
         """Remove every hook; buffers stay readable until the next :meth:`start`."""
-        for handle in self._handles:
+        for handle in [*self._handles, *self._node_handles]:
             handle.remove()
         self._handles = []
-        if self._calls:
-            self._last_calls = self._calls
-        self._calls = {}
+        self._node_handles = []
+        if self._walked:
+            self._last_sites = self._sites_seen
+            self._last_shared = self._shared_seen
+            self._last_order = self._site_order
+        self._reset_forward()
 
     @property
     def has_seen_forward(self) -> bool:
-        """Whether a forward pass ran under the hooks (so call sites are known)."""
-        return bool(self._calls or self._last_calls)
+        """Whether a backward pass was walked under tracking (so call sites are known)."""
+        return self._walked or bool(self._last_sites)
 
-    def discard(self, names: object) -> None:
+    def discard(self, names: Iterable[str]) -> None:
         """Forget the buffers of ``names`` (consumed by the statistics of one optimizer's step)."""
-        for name in list(names):  # type: ignore[call-overload]
-            self._buffers.pop(name, None)
+        drop = set(names)
+        for pid, name in self._name_of.items():
+            if name in drop:
+                self._states.pop(pid, None)
 
     def reset(self) -> None:
         """Free the buffers."""
-        self._buffers = {}
+        self._states = {}
 
     # -- results ------------------------------------------------------------------------------
     def contributions(self) -> dict[str, dict[str, Tensor]]:
-        """``{parameter name: {site: fp32 contribution}}`` for the shared parameters seen, sites in call order."""
+        """``{parameter name: {site: contribution}}`` for the shared parameters seen, sites in call order.
+
+        Parameters whose contributions cannot be attributed this step (see :meth:`unattributed`)
+        are left out.
+        """
         order = self._site_order
+        out: dict[str, dict[str, Tensor]] = {}
+        for pid, state in self._states.items():
+            if state.buffers and self._param_of[pid].grad is not None:  # None: reset since (zero_grad)
+                out[self._name_of[pid]] = dict(sorted(state.buffers.items(), key=lambda item: order.get(item[0], -1)))
+        return out
+
+    @property
+    def walked(self) -> bool:
+        """Whether :meth:`before_backward` saw a graph in this tracked step."""
+        return self._walked
+
+    def unattributed(self) -> dict[str, str]:
+        """``{parameter name: why}`` for parameters with a gradient whose uses could not all be seen this step.
+
+        Part of the graph ran a backward of its own (reentrant checkpointing): the parameters it
+        may use can be shared without the walk seeing it. Parameters split anyway are reported,
+        their ``shared_grad_error`` showing what was not seen.
+        """
+        if not self._opaque:
+            return {}
+        why = "; ".join(self._opaque.values())
         return {
-            name: dict(sorted(sites.items(), key=lambda item: order.get(item[0], 0)))
-            for name, sites in self._buffers.items()
+            self._name_of[pid]: why
+            for pid, param in self._param_of.items()
+            if param.grad is not None and not (pid in self._states and self._states[pid].buffers)
         }
 
     def call_sites(self) -> dict[str, list[str]]:
-        """Sites of every tracked parameter in the last forward pass seen (for the table)."""
-        calls = self._calls or self._last_calls
-        sites: dict[str, list[str]] = {}
-        for pid, name in self._name_of.items():
-            for mid in self._owners_of.get(pid, []):
-                n = calls.get(mid, 0)
-                sites.setdefault(name, []).extend(self._site(mid, k, n) for k in range(n))
-        return sites
+        """Sites of every monitored parameter in the last tracked step (for the table)."""
+        seen = self._sites_seen if self._walked else self._last_sites
+        order = self._site_order if self._walked else self._last_order
+        return {self._name_of[pid]: sorted(sites, key=lambda s: order.get(s, -1)) for pid, sites in seen.items()}
 
     def shared_names(self) -> list[str]:
-        """Names of the parameters that were shared in the last forward pass seen."""
-        calls = self._calls or self._last_calls
-        return [name for pid, name in self._name_of.items() if self._is_shared(pid, calls)]
+        """Names of the parameters that were shared in the last tracked step."""
+        shared = self._shared_seen if self._walked else self._last_shared
+        return [name for pid, name in self._name_of.items() if pid in shared]
 
-    # -- hooks --------------------------------------------------------------------------------
-    def _before_call(self, module: nn.Module, args: object, local_names: list[str]) -> None:
-        if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
-            # no graph, or inside backward (activation checkpointing re-running a forward: with
-            # non-reentrant checkpointing the original call's views still receive the gradient)
-            return
+    # -- module-call windows (global hooks, logging steps only) ----------------------------------
+    def _reset_forward(self) -> None:
+        self._calls: list[_Call] = []
+        self._starts: list[int] = []
+        self._open: list[_Call | None] = []
+        self._n_calls: dict[int, int] = {}
+
+    def _sequence_number(self) -> int:
+        # every autograd node takes the next number of a thread-local counter: a probe node reads it.
+        with torch.enable_grad():
+            return self._probe.view_as(self._probe).grad_fn._sequence_nr()  # type: ignore[union-attr]
+
+    def _before_call(self, module: nn.Module, args: Any) -> None:
         mid = id(module)
-        k = self._calls.get(mid, 0)
-        self._calls[mid] = k + 1
-        self._call_order[(mid, k)] = len(self._call_order)
-        if not self._capture:
+        if mid not in self._paths:
             return
-        # Swap only what can be shared, judged by the last counted forward (when there is one):
-        # a view and its grad hook per parameter cost ~0.3x the bandwidth floor on a 76-tensor LM.
-        known = self._last_calls
-        for local_name in local_names:
-            param = module._parameters[local_name]
-            if not isinstance(param, nn.Parameter) or not param.requires_grad:  # swapped (re-entrant) or frozen
-                continue
-            if known and not self._is_shared(id(param), known):
-                continue
-            view = param.view_as(param)
-            view.register_hook(partial(self._on_use_grad, pid=id(param), mid=mid, k=k))
-            view._param_monitor_original = param  # type: ignore[attr-defined]
-            module._parameters[local_name] = view
-
-    def _after_call(self, module: nn.Module, args: object, output: object, local_names: list[str]) -> None:
-        for local_name in local_names:
-            original = getattr(module._parameters[local_name], "_param_monitor_original", None)
-            if original is not None:
-                module._parameters[local_name] = original
-
-    def _on_use_grad(self, grad: Tensor, pid: int, mid: int, k: int) -> None:
-        # runs in backward, after the forward pass: the call counts are complete.
-        if not self._is_shared(pid, self._calls):
+        if (
+            not torch.is_grad_enabled()
+            or torch.is_inference_mode_enabled()
+            or torch._C._current_graph_task_id() != -1  # a forward re-run inside backward (checkpointing)
+        ):
+            self._open.append(None)
             return
-        name = self._name_of[pid]
-        site = self._site(mid, k, self._calls.get(mid, 0))
-        sites = self._buffers.setdefault(name, {})
-        if site in sites:
-            sites[site].add_(grad)
-        else:
-            sites[site] = grad.detach().to(torch.float32, copy=True)
-            self._site_order.setdefault(site, self._call_order.get((mid, k), 0))
+        k = self._n_calls.get(mid, 0)
+        self._n_calls[mid] = k + 1
+        parent = next((c for c in reversed(self._open) if c is not None), None)
+        call = _Call(mid, k, self._sequence_number(), parent)
+        self._calls.append(call)
+        self._open.append(call)
 
-    def _is_shared(self, pid: int, calls: dict[int, int]) -> bool:
-        if pid in self._statically_shared:
-            return True
-        return sum(calls.get(mid, 0) for mid in self._owners_of.get(pid, [])) > 1
+    def _after_call(self, module: nn.Module, args: Any, output: Any) -> None:
+        if id(module) not in self._paths or not self._open:
+            return
+        call = self._open.pop()
+        if call is not None:
+            call.end = self._sequence_number()
 
-    def _site(self, mid: int, k: int, n_calls: int) -> str:
-        paths = self._paths[mid]
-        if n_calls == 1:
+    def _site_of(self, seq: int) -> str:
+        """The innermost module call whose window holds node number ``seq``."""
+        calls = self._calls
+        i = bisect.bisect_right(self._starts, seq) - 1
+        while i >= 0:
+            call = calls[i]
+            if call.start < seq < call.end:
+                return self._call_label(call)
+            i -= 1
+        return OUTSIDE_SITE
+
+    def _call_label(self, call: _Call) -> str:
+        paths = self._paths[call.module_id]
+        n = self._n_calls.get(call.module_id, 0)
+        if paths == [""]:
+            return ROOT_SITE if n == 1 else f"{ROOT_SITE}#{call.index}"
+        if n == 1:
             return paths[0]
-        if len(paths) == n_calls and mid in self._in_call_order:
-            return paths[k]
-        return f"{paths[0]}#{k}"
+        seq_parent = self._sequential_parent.get(call.module_id)
+        if (
+            seq_parent is not None
+            and len(paths) == n
+            and call.parent is not None
+            and call.parent.module_id == seq_parent
+            and self._n_calls.get(seq_parent, 0) == 1
+        ):
+            return paths[call.index]
+        return f"{paths[0]}#{call.index}"
+
+    # -- the graph walk (once per backward pass of a tracked step) --------------------------------
+    def before_backward(self, loss: Any) -> None:
+        """Find every use of the monitored parameters in the graph of ``loss`` and hook them."""
+        if not self.active:
+            return
+        roots = [t.grad_fn for t in _tensors(loss) if t.grad_fn is not None]
+        if not roots:
+            return
+        for handle in self._node_handles:  # a backward without `after_backward`: never hook a node twice
+            handle.remove()
+        self._node_handles = []
+        self._starts = [c.start for c in self._calls]
+        accumulators = self._accumulators()
+        incoming, opaque = _walk(roots, accumulators)
+        for kind in opaque:
+            self._opaque.setdefault(kind, _OPAQUE_NODES[kind])
+        uses_of: dict[int, list[_Use]] = {}
+        for node, pid in accumulators.items():
+            for consumer, slot in incoming.get(node, ()):
+                for use in _split(consumer, slot, (), incoming):
+                    uses_of.setdefault(pid, []).append(_Use(pid, *use))
+        self._walked = True
+        hooks: dict[Node, list[tuple[_Use, str]]] = {}
+        for pid, uses in uses_of.items():
+            sites = self._label(uses)
+            known = self._sites_seen.setdefault(pid, [])
+            known.extend(s for s in sites if s not in known)
+            for use, site in zip(uses, sites, strict=True):  # sites in creation order
+                self._site_order[site] = min(self._site_order.get(site, use.seq), use.seq)
+            if len(uses) > 1 or pid in self._statically_shared or len(known) > 1:
+                self._shared_seen.add(pid)
+            if not self._capture:
+                continue
+            if not self._prepare(pid, uses, sites):
+                continue
+            for use, site in zip(uses, sites, strict=True):
+                hooks.setdefault(use.node, []).append((use, site))
+        for node, targets in hooks.items():
+            self._node_handles.append(node.register_hook(partial(self._on_node_grad, targets=targets)))
+
+    def after_backward(self) -> None:
+        """Call after each backward pass: the node hooks go; what ``.grad`` holds now is remembered."""
+        for handle in self._node_handles:
+            handle.remove()
+        self._node_handles = []
+        for pid, state in self._states.items():
+            grad = self._param_of[pid].grad
+            state.grad_ref = None if grad is None else (id(grad), grad._version)
+
+    def _accumulators(self) -> dict[Node, int]:
+        out: dict[Node, int] = {}
+        for pid, param in self._param_of.items():
+            if param.requires_grad and not isinstance(param, UninitializedParameter):
+                out[get_gradient_edge(param).node] = pid
+        return out
+
+    def _label(self, uses: list[_Use]) -> list[str]:
+        sites = [self._site_of(use.seq) for use in uses]
+        counts: dict[str, int] = {}
+        for site in sites:
+            counts[site] = counts.get(site, 0) + 1
+        if all(c == 1 for c in counts.values()):
+            return sites
+        order = sorted(range(len(uses)), key=lambda i: uses[i].seq)
+        index: dict[str, int] = {}
+        labels = list(sites)
+        for i in order:
+            if counts[sites[i]] > 1:
+                j = index.get(sites[i], 0)
+                index[sites[i]] = j + 1
+                labels[i] = f"{sites[i]}:{j}"
+        return labels
+
+    def _prepare(self, pid: int, uses: list[_Use], sites: list[str]) -> bool:
+        """Decide, before this backward, whether ``pid``'s contributions can be kept; fix up what ``.grad`` holds."""
+        state = self._states.get(pid)
+        grad = self._param_of[pid].grad
+        shared = pid in self._shared_seen
+        if state is not None and state.buffers:
+            if grad is None:  # `.grad` was reset (zero_grad): so are its contributions
+                state.buffers.clear()
+            elif state.grad_ref != (id(grad), grad._version):  # changed between backward passes
+                state.buffers = {EARLIER_SITE: _buffer_like(grad, grad)}
+                self._site_order.setdefault(EARLIER_SITE, -1)
+            return True
+        if not shared:
+            # one use: no buffer; remember where, in case a later micro-batch makes it shared
+            state = self._states.setdefault(pid, _ParamState())
+            if grad is None:
+                state.single_sites = []
+            state.single_sites.extend(s for s in sites if s not in state.single_sites)
+            state.grad_ref = None
+            return False
+        state = self._states.setdefault(pid, _ParamState())
+        if grad is not None:  # gradient from before: one earlier site if we know it, else <earlier>
+            earlier = state.single_sites[0] if len(state.single_sites) == 1 else EARLIER_SITE
+            state.buffers[earlier] = _buffer_like(grad, grad)
+            self._site_order.setdefault(earlier, -1)
+        state.single_sites = []
+        return True
+
+    def _on_node_grad(self, grad_inputs: tuple[Tensor | None, ...], grad_outputs: Any, targets: list) -> None:
+        for use, site in targets:
+            grad = grad_inputs[use.slot]
+            if grad is None:
+                continue
+            for node, index in use.chain:
+                out = node(grad)
+                grad = out[index] if isinstance(out, tuple) else out
+                if grad is None:
+                    break
+            if grad is None:
+                continue
+            buffers = self._states[use.pid].buffers
+            if site in buffers:
+                _accumulate(buffers[site], grad)
+            else:
+                buffers[site] = _buffer_like(grad, self._param_of[use.pid])
+
+def _tensors(obj: Any) -> list[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, list | tuple):
+        return [t for item in obj for t in _tensors(item)]
+    return []
 
 
-def _called_in_path_order(paths: list[str], modules_at: dict[str, nn.Module]) -> bool:
-    """Whether the k-th call of a module registered under ``paths`` is known to come from its k-th path.
+def _walk(roots: list[Node], accumulators: dict[Node, int]) -> tuple[dict[Node, list[tuple[Node, int]]], set[str]]:
+    """Every edge of the graph below ``roots``, as ``{node: [(consumer, slot), ...]}``; and opaque node kinds."""
+    incoming: dict[Node, list[tuple[Node, int]]] = {}
+    opaque: set[str] = set()
+    seen = set(roots)
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        kind = type(node).__name__
+        if kind in _OPAQUE_NODES:
+            opaque.add(kind)
+        for slot, (nxt, _) in enumerate(node.next_functions):
+            if nxt is None:
+                continue
+            incoming.setdefault(nxt, []).append((node, slot))
+            if nxt not in seen:
+                seen.add(nxt)
+                if nxt not in accumulators:
+                    stack.append(nxt)
+    return incoming, opaque
 
-    True for the ``nn.Sequential`` case (all paths are entries of one Sequential, which runs its
-    entries in registration order). A module under several attribute names (``self.a = self.b =
-    layer``) may be called in any order: its sites are then ``{path}#k``.
+
+def _split(
+    node: Node, slot: int, chain: tuple[tuple[Node, int], ...], incoming: dict[Node, list[tuple[Node, int]]]
+) -> list[tuple[Node, int, tuple[tuple[Node, int], ...], int]]:
+    """The uses behind edge (``node``, ``slot``): look up through single-output nodes for a branching.
+
+    Returns ``(hook node, slot, chain, sequence number)`` per use.
     """
-    if len(paths) < 2:
+    climb: list[tuple[Node, int]] = [(node, slot)]
+    current = node
+    while _pass_through(current):
+        parents = incoming.get(current, [])
+        if len(parents) >= 2:  # the gradient path branches here: one use per branch
+            through = tuple(reversed(climb)) + chain
+            return [use for parent, pslot in parents for use in _split(parent, pslot, through, incoming)]
+        if len(parents) != 1:
+            break
+        current, pslot = parents[0]
+        climb.append((current, pslot))
+    return [(node, slot, chain, node._sequence_nr())]
+
+
+def _pass_through(node: Node) -> bool:
+    """Whether ``node`` computes a value of the parameter alone (a cast, view, transpose, ``w * 2``).
+
+    Such a node has one input with a gradient and one output, and is implemented in C++, so that
+    applying it to one branch's gradient maps that branch down to the parameter.
+    """
+    if isinstance(node, torch.autograd.function.BackwardCFunction):
         return False
+    if sum(nxt is not None for nxt, _ in node.next_functions) != 1:
+        return False
+    try:
+        return len(node._input_metadata) == 1
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _buffer_like(grad: Tensor, param: Tensor) -> Tensor:
+    """A copy of ``grad`` to accumulate uses in: fp32 for low precision, the parameter's dtype otherwise."""
+    dtype = param.dtype if param.dtype in (torch.float64, torch.complex64, torch.complex128) else torch.float32
+    if grad.is_sparse:
+        grad = grad.to_dense()
+    return grad.detach().to(dtype, copy=True)
+
+
+def _accumulate(buffer: Tensor, grad: Tensor) -> None:
+    if grad.is_sparse:
+        grad = grad.to_dense()
+    buffer.add_(grad)
+
+
+def _sequential_parent(paths: list[str], modules_at: dict[str, nn.Module]) -> int | None:
+    """The ``nn.Sequential`` (with Sequential's own forward) holding every path of a module, if any."""
     parents = {path.rpartition(".")[0] for path in paths}
-    return len(parents) == 1 and isinstance(modules_at.get(parents.pop()), nn.Sequential)
-
-
-def _unique_modules(root: nn.Module) -> list[nn.Module]:
-    return [module for _, module in root.named_modules()]
+    if len(parents) != 1:
+        return None
+    parent = modules_at.get(parents.pop())
+    if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
+        return id(parent)
+    return None

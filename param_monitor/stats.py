@@ -5,6 +5,14 @@ dot products), packed into one float64 vector, and only then moved to the host i
 Additive sums are what make the distributed case one collective: a sharded run all-reduces the
 packed vector (SUM) before :func:`finalize`, and the norms/means/cosines come out global.
 
+The packed vector's layout is declared once, by :class:`StatsLayout`: its segments, in order,
+each with the reduction a multi-process run applies to it. :func:`finalize` reads the segments in
+that order and the distributed path weighs them from the same declaration.
+
+Dtypes: fp16/bf16 values are reduced in fp32, fp64 stays fp64, complex values count as ``|z|``
+(norms, and the real part of dot products; complex parameters get no ``weight_mean``: a mean of
+complex values is not one number); sparse gradients are coalesced.
+
 Cost: one ``torch._foreach_norm`` pass over weights and gradients, plus one summation pass over
 the weights for the means: 1.4-1.7x a bare ``_foreach_norm`` of weights and gradients (the bandwidth
 floor) on its own, 2.0x inside a training step in ``benchmarks/monitor_overhead.py``. No CPU
@@ -32,14 +40,16 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from torch import Tensor
 
-from param_monitor.distributed import local_tensor
+from param_monitor.dtensor import local_tensor
 from param_monitor.tags import (  # noqa: F401  (re-exported: the schema lives in tags.py)
+    DEAD_UNITS,
     GRAD_NORM,
     GRAD_NORM_TOTAL,
     SHARED_GRAD,
@@ -49,6 +59,26 @@ from param_monitor.tags import (  # noqa: F401  (re-exported: the schema lives i
     WEIGHT_MEAN,
     WEIGHT_NORM,
 )
+
+
+class Reduction(Enum):
+    """How a segment of the packed vector is summed over the ranks of a sharded run."""
+
+    #: per-tensor sums over local shards: each element counted once, so a sum over the ranks is
+    #: weighted by 1/(how many ranks hold that element); 1 for a fully sharded tensor.
+    PER_TENSOR = "per_tensor"
+    #: the same value on every rank (per-use sums: their buffers are averaged over the ranks first).
+    REPLICATED = "replicated"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of the packed vector: ``names`` are the tensors its positions describe, one each for PER_TENSOR."""
+
+    kind: str
+    length: int
+    reduction: Reduction
+    names: tuple[str, ...] = ()
 
 
 @dataclass
@@ -61,13 +91,72 @@ class StatsLayout:
     # per shared parameter: (name, site names); the vector holds, for each: the sites' sums of
     # squares, the pairwise dot products (i < j), and the sum of squares of (Σ sites − grad).
     shared: list[tuple[str, list[str]]] = field(default_factory=list)
+    # weights without a mean (complex values)
+    no_mean: frozenset[str] = frozenset()
+    # dead units: (name, number of output units) of Linear/Conv weights whose gradient rows are counted
+    dead_units: list[tuple[str, int]] = field(default_factory=list)
+
+    def segments(self) -> list[Segment]:
+        """The packed vector, in order: THE declaration that :func:`finalize` and the distributed path read."""
+        w, g = tuple(self.weight_names), tuple(self.grad_names)
+        segs = [
+            Segment("weight_sq", len(w), Reduction.PER_TENSOR, w),
+            Segment("weight_sum", len(w), Reduction.PER_TENSOR, w),
+            Segment("grad_sq", len(g), Reduction.PER_TENSOR, g),
+            Segment("dead_rows", len(self.dead_units), Reduction.PER_TENSOR, tuple(n for n, _ in self.dead_units)),
+        ]
+        for name, sites in self.shared:
+            m = len(sites)
+            segs.append(Segment(f"shared:{name}", m + m * (m - 1) // 2 + 1, Reduction.REPLICATED))
+        return segs
+
+    @property
+    def length(self) -> int:
+        return sum(seg.length for seg in self.segments())
+
+    def replica_weights(self, factors: Mapping[str, float], world_size: int, length: int) -> Tensor | None:
+        """Per-position weights for a SUM over ``world_size`` ranks (``None`` when all are 1).
+
+        ``factors`` maps a tensor name to how many ranks hold each of its elements; positions past
+        the declared segments (flags appended by the caller) are summed as they are.
+        """
+        weights: list[float] = []
+        for seg in self.segments():
+            if seg.reduction is Reduction.PER_TENSOR:
+                weights += [1.0 / factors[n] for n in seg.names]
+            else:
+                weights += [1.0 / world_size] * seg.length
+        weights += [1.0] * (length - len(weights))
+        if all(w == 1.0 for w in weights):
+            return None
+        return torch.tensor(weights, dtype=torch.float64)
+
+
+def _dense(t: Tensor) -> Tensor:
+    return t.coalesce().values() if t.is_sparse else t
 
 
 def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """L2 norms accumulated in fp32 whatever the tensors' dtype (bf16/fp16 lose digits otherwise)."""
+    """L2 norms, fused per dtype: fp16/bf16/fp32 accumulated in fp32, fp64 in fp64, complex as |z|."""
     if not tensors:
         return []
-    return list(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
+    out: list[Tensor | None] = [None] * len(tensors)
+    groups: dict[torch.dtype | None, list[int]] = {}
+    for i, t in enumerate(tensors):
+        key = t.dtype if (t.dtype == torch.float64 or t.is_complex()) else None
+        groups.setdefault(key, []).append(i)
+    for key, index in groups.items():
+        dense = [_dense(tensors[i]) for i in index]
+        norms = torch._foreach_norm(dense, 2) if key is not None else torch._foreach_norm(dense, 2, dtype=torch.float32)
+        for i, n in zip(index, norms, strict=True):
+            out[i] = n
+    return out  # type: ignore[return-value]
+
+
+def _sum(t: Tensor) -> Tensor:
+    if t.is_complex():
+        return t.new_zeros((), dtype=torch.float64)  # no mean for complex values (StatsLayout.no_mean)
+    return _dense(t).sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
 def partial_sums(
@@ -75,23 +164,28 @@ def partial_sums(
     grads: Sequence[Tensor],
     shared: Sequence[tuple[Tensor, Sequence[Tensor]]] = (),
     grad_scale: Tensor | None = None,
+    dead_unit_grads: Sequence[Tensor] = (),
 ) -> Tensor:
     """Pack every additive partial sum into one float64 vector on the tensors' device.
 
-    ``shared`` holds, per shared parameter, its gradient and the fp32 buffers of its uses'
+    ``shared`` holds, per shared parameter, its gradient and the buffers of its uses'
     contributions. The buffers are CONSUMED: the first one is overwritten with Σ uses − grad,
     so that the check costs no extra memory.  ``grad_scale`` (a device scalar) multiplies every
     gradient-derived sum of squares, e.g. ``1/scale**2`` when gradients are still scaled by AMP.
+    ``dead_unit_grads``: gradients whose rows (output units) that are all zero are counted.
     """
     pieces: list[Tensor] = []
     norms = _norms([*weights, *grads])
     if norms:
-        sq = torch.stack([n.to(norms[0].device) for n in norms]).double().square()
+        device = norms[0].device
+        sq = torch.stack([n.to(device, torch.float64) for n in norms]).square()
         w_sq, g_sq = sq[: len(weights)], sq[len(weights) :]
         if grad_scale is not None:
             g_sq = g_sq * grad_scale
-        w_sum = [w.sum(dtype=torch.float32) for w in weights]
-        pieces += [w_sq, torch.stack(w_sum).double() if w_sum else w_sq.new_zeros(0), g_sq]
+        w_sum = [_sum(w).to(device, torch.float64) for w in weights]
+        pieces += [w_sq, torch.stack(w_sum) if w_sum else w_sq.new_zeros(0), g_sq]
+    if dead_unit_grads:
+        pieces.append(torch.stack([_dead_rows(g) for g in dead_unit_grads]).double())
     for grad, uses in shared:
         pieces.append(_shared_partial_sums(grad, uses, grad_scale))
     if not pieces:
@@ -100,10 +194,15 @@ def partial_sums(
     return torch.cat([p.to(device) for p in pieces])
 
 
+def _dead_rows(grad: Tensor) -> Tensor:
+    """How many output units (rows of a Linear/Conv weight) have an all-zero gradient."""
+    return (grad.reshape(grad.shape[0], -1) == 0).all(dim=1).sum()
+
+
 def _shared_partial_sums(grad: Tensor, uses: Sequence[Tensor], grad_scale: Tensor | None) -> Tensor:
-    use_sq = torch.stack(_norms(uses)).double().square()
+    use_sq = torch.stack([n.to(torch.float64) for n in _norms(uses)]).square()
     dots = [
-        torch.dot(uses[i].reshape(-1), uses[j].reshape(-1)).double()
+        torch.vdot(uses[i].reshape(-1), uses[j].reshape(-1)).real.double()
         for i in range(len(uses))
         for j in range(i + 1, len(uses))
     ]
@@ -111,8 +210,8 @@ def _shared_partial_sums(grad: Tensor, uses: Sequence[Tensor], grad_scale: Tenso
     residual = uses[0]
     for other in uses[1:]:
         residual.add_(other)
-    residual.sub_(grad)
-    err_sq = torch.linalg.vector_norm(residual, dtype=torch.float32).double().square().reshape(1)
+    residual.sub_(grad.to_dense() if grad.is_sparse else grad)
+    err_sq = _norms([residual])[0].to(torch.float64).square().reshape(1)
     out = torch.cat([use_sq, torch.stack(dots) if dots else use_sq.new_zeros(0), err_sq])
     return out * grad_scale if grad_scale is not None else out
 
@@ -121,33 +220,38 @@ def finalize(values: Sequence[float], layout: StatsLayout, aggregate_depth: int 
     """Turn the (possibly all-reduced) partial sums into the documented metrics.
 
     With ``aggregate_depth`` the per-tensor sums are first added up per :func:`module_group`, so
-    ``weight_*/``/``grad_norm/`` name modules, not tensors (shared-use metrics stay per parameter).
+    ``weight_*/``/``grad_norm/``/``dead_units/`` name modules, not tensors (shared-use metrics stay
+    per parameter).
     """
     it = iter(values)
-    w_sq = [next(it) for _ in layout.weight_names]
-    w_sum = [next(it) for _ in layout.weight_names]
-    g_sq = [next(it) for _ in layout.grad_names]
+    per_tensor = [seg for seg in layout.segments() if seg.reduction is Reduction.PER_TENSOR]
+    columns = {seg.kind: [next(it) for _ in range(seg.length)] for seg in per_tensor}  # shared: read below
+    w_sq, w_sum, g_sq, dead = columns["weight_sq"], columns["weight_sum"], columns["grad_sq"], columns["dead_rows"]
     metrics: dict[str, float] = {}
     w_names, numels, g_names = layout.weight_names, layout.weight_numels, layout.grad_names
+    no_mean = [1.0 if n in layout.no_mean else 0.0 for n in w_names]
+    d_names, d_units = [n for n, _ in layout.dead_units], [float(u) for _, u in layout.dead_units]
     grad_norms = dict(zip(g_names, map(math.sqrt, g_sq), strict=True))  # per tensor: shared errors need them
     if aggregate_depth:
-        w_names, (numels, w_sq, w_sum) = _group_sums(w_names, aggregate_depth, numels, w_sq, w_sum)
+        w_names, (numels, w_sq, w_sum, no_mean) = _group_sums(w_names, aggregate_depth, numels, w_sq, w_sum, no_mean)
         g_names, (g_sq_groups,) = _group_sums(g_names, aggregate_depth, g_sq)
+        d_names, (dead, d_units) = _group_sums(d_names, aggregate_depth, dead, d_units)
         reported = dict(zip(g_names, map(math.sqrt, g_sq_groups), strict=True))
     else:
         reported = grad_norms
-    for name, numel, sq, total in zip(w_names, numels, w_sq, w_sum, strict=True):
-        metrics[f"{WEIGHT_MEAN}/{name}"] = total / numel if numel else math.nan
+    for name, numel, sq, total, complex_count in zip(w_names, numels, w_sq, w_sum, no_mean, strict=True):
+        if not complex_count:
+            metrics[f"{WEIGHT_MEAN}/{name}"] = total / numel if numel else math.nan
         metrics[f"{WEIGHT_NORM}/{name}"] = math.sqrt(sq)
     for name, norm in reported.items():
         metrics[f"{GRAD_NORM}/{name}"] = norm
     if layout.grad_names:
         metrics[GRAD_NORM_TOTAL] = math.sqrt(math.fsum(g_sq))
+    for name, rows, units in zip(d_names, dead, d_units, strict=True):
+        metrics[f"{DEAD_UNITS}/{name}"] = rows / units if units else math.nan
     for name, sites in layout.shared:
         metrics.update(_finalize_shared(name, sites, it, grad_norms.get(name, math.nan)))
     return metrics
-
-
 @functools.lru_cache(maxsize=1 << 16)
 def _cached_group(name: str, depth: int) -> str:  # the same names every logging step
     return module_group(name, depth)
@@ -211,18 +315,14 @@ def to_host(packed: Tensor) -> list[float]:
 def parameter_statistics(
     named_params: Sequence[tuple[str, Tensor]],
     contributions: Mapping[str, Mapping[str, Tensor]] | None = None,
-    reduce: Callable[[Tensor], Tensor] | None = None,
     grad_scale: Tensor | None = None,
 ) -> dict[str, float]:
     """All documented metrics for ``named_params`` (parameters, their ``.grad`` read if set).
 
-    ``contributions`` maps a shared parameter's name to ``{site: fp32 contribution buffer}``
-    (consumed, see :func:`partial_sums`). ``reduce`` is applied to the packed partial sums
-    before the transfer (e.g. an all-reduce SUM across shards).
+    ``contributions`` maps a shared parameter's name to ``{site: contribution buffer}``
+    (consumed, see :func:`partial_sums`).
     """
     packed, layout = pack(named_params, contributions or {}, grad_scale)
-    if reduce is not None:
-        packed = reduce(packed)
     return finalize(to_host(packed), layout)
 
 
@@ -230,23 +330,32 @@ def pack(
     named_params: Sequence[tuple[str, Tensor]],
     contributions: Mapping[str, Mapping[str, Tensor]],
     grad_scale: Tensor | None = None,
+    dead_unit_names: frozenset[str] | set[str] = frozenset(),
 ) -> tuple[Tensor, StatsLayout]:
-    """Partial sums of ``named_params`` and their layout (the first half of :func:`parameter_statistics`)."""
+    """Partial sums of ``named_params`` and their layout (the first half of :func:`parameter_statistics`).
+
+    ``dead_unit_names``: the weights (of Linear/Conv layers) whose all-zero gradient rows are counted.
+    """
     # sharded (DTensor) parameters: partial sums of the local shards, numel of the whole tensor
     weights = [(n, local_tensor(p).detach()) for n, p in named_params]
     grads = [(n, local_tensor(p.grad)) for n, p in named_params if p.grad is not None]
     grad_by_name = dict(grads)
     shared = [(n, uses) for n, uses in contributions.items() if n in grad_by_name and uses]
+    dead = [(n, p) for n, p in named_params if n in dead_unit_names and n in grad_by_name and p.dim() >= 2]
+    dead = [(n, p) for n, p in dead if not grad_by_name[n].is_sparse]
     layout = StatsLayout(
         weight_names=[n for n, _ in weights],
         weight_numels=[p.numel() for _, p in named_params],
         grad_names=[n for n, _ in grads],
         shared=[(n, list(uses)) for n, uses in shared],
+        no_mean=frozenset(n for n, p in named_params if p.is_complex()),
+        dead_units=[(n, p.shape[0]) for n, p in dead],
     )
     packed = partial_sums(
         [w for _, w in weights],
         [g for _, g in grads],
         [(grad_by_name[n], list(uses.values())) for n, uses in shared],
         grad_scale,
+        [grad_by_name[n] for n, _ in dead],
     )
     return packed, layout

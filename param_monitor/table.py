@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch.nn as nn
 from torch.nn.parameter import UninitializedParameter
 
+from param_monitor.parameters import parameter_aliases
+
 
 @dataclass(frozen=True)
 class ParameterInfo:
@@ -35,14 +37,6 @@ class ParameterInfo:
     requires_grad: bool
     aliases: tuple[str, ...] = ()
     call_sites: tuple[str, ...] = ()
-
-
-def parameter_aliases(module: nn.Module) -> dict[str, tuple[str, ...]]:
-    """Map each unique parameter's first name to the other names it is registered under."""
-    names_by_id: dict[int, list[str]] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        names_by_id.setdefault(id(param), []).append(name)
-    return {names[0]: tuple(names[1:]) for names in names_by_id.values()}
 
 
 def parameter_table(

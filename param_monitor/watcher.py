@@ -9,7 +9,10 @@ Usable from a plain PyTorch loop with a ``SummaryWriter``:
 >>> watcher = ParameterWatcher(model)
 >>> watcher.start_step()                 # on a step that logs: before its forward pass(es)
 >>> watcher.begin_forward()              # before each forward (micro-batch)
->>> model(torch.randn(8, 2)).sum().backward()
+>>> loss = model(torch.randn(8, 2)).sum()
+>>> watcher.before_backward(loss)        # the graph of each backward is walked for the uses
+>>> loss.backward()
+>>> watcher.after_backward()
 >>> metrics = watcher.compute()          # after backward, before the optimizer step
 >>> sorted(k for k in metrics if k.startswith("shared_grad/"))
 ['shared_grad/1.bias/1', 'shared_grad/1.bias/3', 'shared_grad/1.weight/1', 'shared_grad/1.weight/3']
@@ -70,10 +73,12 @@ class ParameterWatcher:
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         aggregate_depth: int | None = None,
+        dead_units: bool = False,
     ) -> None:
         self.module = module
         self.track_shared = track_shared
         self.aggregate_depth = aggregate_depth
+        self.dead_units = dead_units
         self._keep = name_filter(include, exclude)
         self.refresh()
 
@@ -97,11 +102,7 @@ class ParameterWatcher:
             )
             self.track_shared = False
         self.tracker = SharedUseTracker(self.module, param_filter=self._keep) if self.track_shared else None
-
-    @property
-    def has_lazy(self) -> bool:
-        """Whether some parameters were still uninitialized at the last :meth:`refresh`."""
-        return bool(self._lazy)
+        self._dead_unit_names = _unit_weights(self.module) if self.dead_units else frozenset()
 
     def lazy_materialized(self) -> bool:
         """Whether a parameter that was lazy at the last :meth:`refresh` has been materialized since.
@@ -119,6 +120,16 @@ class ParameterWatcher:
     def begin_forward(self) -> None:
         if self.tracker is not None:
             self.tracker.begin_forward()
+
+    def before_backward(self, loss: object) -> None:
+        """Before each backward pass of a tracked step: find (and hook) every use in ``loss``'s graph."""
+        if self.tracker is not None:
+            self.tracker.before_backward(loss)
+
+    def after_backward(self) -> None:
+        """After each backward pass of a tracked step."""
+        if self.tracker is not None:
+            self.tracker.after_backward()
 
     def end_step(self) -> None:
         """Remove the hooks and free the buffers."""
@@ -157,7 +168,7 @@ class ParameterWatcher:
             for buf in buffers:
                 buf.mul_(contribution_scale)
         distributed.average_contributions(buffers, group)
-        return pack(named_params, contributions, grad_scale)
+        return pack(named_params, contributions, grad_scale, self._dead_unit_names)
 
     def reduce(self, packed: Tensor, layout: StatsLayout, group: distributed.ProcessGroup | None) -> Tensor:
         """Sum the shards' partial sums over ``group`` (one collective; none unless parameters are sharded).
@@ -168,7 +179,7 @@ class ParameterWatcher:
             return packed
         world = distributed.dist.get_world_size(group)
         factors = {n: distributed.replication_factor(p, world) for n, p in self.named_params}
-        weights = distributed.replica_weights(layout, factors, packed.numel())
+        weights = layout.replica_weights(factors, world, packed.numel())
         if weights is not None:  # replicated tensors next to sharded ones: count them once
             packed = packed * weights.to(packed.device)
         return distributed.all_reduce_sum(packed, group)
@@ -183,3 +194,20 @@ class ParameterWatcher:
         packed = self.reduce(packed, layout, group)
         self.end_step()
         return finalize(to_host(packed), layout, self.aggregate_depth)
+
+
+def _unit_weights(module: nn.Module) -> frozenset[str]:
+    """Names of the weights whose rows are output units: ``nn.Linear`` and (non-transposed) convolutions.
+
+    Not embeddings (a zero row is only a token absent from the batch), nor transposed convolutions
+    (their output units are columns).
+    """
+    first_name = {id(p): n for n, p in module.named_parameters()}
+    names = set()
+    for sub in module.modules():
+        is_conv = isinstance(sub, nn.modules.conv._ConvNd) and not sub.transposed
+        if isinstance(sub, nn.Linear | nn.Bilinear) or is_conv:
+            weight = sub._parameters.get("weight")
+            if weight is not None and id(weight) in first_name:
+                names.add(first_name[id(weight)])
+    return frozenset(names)

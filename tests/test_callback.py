@@ -8,6 +8,7 @@ forward pass where every use gets its OWN copy of the shared weights (``torch.au
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -172,6 +173,11 @@ def check_against_oracle(module: Recorder, scalars: dict[str, dict[int, float]],
             pairs = [(i, j) for i in range(len(uses)) for j in range(i + 1, len(uses))]
             cos = [F.cosine_similarity(uses[i].flatten(), uses[j].flatten(), dim=0).item() for i, j in pairs]
             assert_close(scalars[f"shared_grad_cosine/{name}"][step], sum(cos) / len(cos), 1e-4)
+            total_use = sum(u.double() for u in uses)
+            for site, use in zip(sites, uses, strict=True):  # each use's share of the step: <c, S> / ||S||^2
+                share = (use.double() * total_use).sum() / total_use.square().sum()
+                assert_close(scalars[f"shared_grad_share/{name}/{site}"][step], share.item(), 1e-5)
+            assert abs(sum(scalars[f"shared_grad_share/{name}/{s}"][step] for s in sites) - 1) < 1e-6  # fp32 events
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,14 +233,18 @@ def test_steps_follow_log_every_n_steps_like_self_log(tmp_path: Path) -> None:
 def test_own_frequency_and_no_hooks_on_other_steps(tmp_path: Path) -> None:
     hooks_seen: dict[int, int] = {}
 
+    from torch.nn.modules import module as module_hooks
+
     class Spy(SharedMLP):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            hooks_seen[self.trainer.fit_loop.epoch_loop._batches_that_stepped] = len(self.net[3]._forward_pre_hooks)
+            assert not self.net[3]._forward_pre_hooks and not self.net[3]._forward_hooks  # never on the model
+            step = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+            hooks_seen[step] = len(module_hooks._global_forward_pre_hooks)
             return super().forward(x)
 
     _, scalars = fit(Spy(), tmp_path, ParameterMonitor(log_every_n_steps=2), max_steps=6, log_every_n_steps=50)
     assert sorted(scalars["grad_norm/net.1.weight"]) == [1, 3, 5]
-    # step 0 counts calls once (to name the table's call sites); afterwards only logging steps hook
+    # step 0 names the uses once (the table's call sites); afterwards only logging steps hook
     assert {s: n > 0 for s, n in hooks_seen.items()} == {0: True, 1: True, 2: False, 3: True, 4: False, 5: True}
 
 
@@ -258,9 +268,12 @@ def test_tracking_does_not_change_the_model() -> None:
     watcher.start_step()
     watcher.begin_forward()
     out_plain, out_tracked = plain(x), tracked(x)
-    assert list(tracked.state_dict()) == keys  # mid-step: views are only in place during a call
+    assert list(tracked.state_dict()) == keys
     F.cross_entropy(out_plain, y).backward()
-    F.cross_entropy(out_tracked, y).backward()
+    loss = F.cross_entropy(out_tracked, y)
+    watcher.before_backward(loss)
+    loss.backward()
+    watcher.after_backward()
     metrics = watcher.compute()
     assert torch.equal(out_plain, out_tracked)
     for (n, p), (_, q) in zip(plain.named_parameters(), tracked.named_parameters(), strict=True):
@@ -306,24 +319,35 @@ def test_tied_embeddings(tmp_path: Path) -> None:
     assert "grad_norm/model.lm_head.weight" not in scalars
 
 
-def test_use_outside_owning_module_shows_in_error_and_warns_once(tmp_path: Path) -> None:
-    class HeadOutsideModule(TiedLM):
-        shared_sites = {}
+def test_tied_head_used_functionally_in_the_parent_is_a_site(tmp_path: Path) -> None:
+    # issue 8: `F.linear(h, self.wte.weight)` in the parent's forward, `wte` registered once
+    class HeadInParent(TiedLM):
+        shared_sites = {"model.wte.weight": ["model.wte", "<root>"]}
+
+        def __init__(self) -> None:
+            super().__init__()
+            del self.model.lm_head
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = torch.tanh(self.model.mix(self.model.wte(x)))
-            return h @ self.model.lm_head.weight.T  # the parent uses the tied weight itself
+            return F.linear(h, self.model.wte.weight)  # the parent uses the weight itself
+
+        def forward_uses(self, x: torch.Tensor, w: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+            h = torch.tanh(self.model.mix(F.embedding(x, w["model.wte"]["model.wte.weight"])))
+            return F.linear(h, w["<root>"]["model.wte.weight"])
 
     g = torch.Generator().manual_seed(1)
     data = DataLoader(
         TensorDataset(torch.randint(0, 11, (32,), generator=g), torch.randint(0, 11, (32,), generator=g)), batch_size=8
     )
-    with pytest.warns(UserWarning, match="`model.wte.weight`.*outside") as record:
-        _, scalars = fit(HeadOutsideModule(), tmp_path, data=data)
-    assert sum("outside the forward" in str(w.message) for w in record) == 1
+    module = HeadInParent()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, scalars = fit(module, tmp_path, data=data)
+    assert not [w for w in record if "ParameterMonitor" in str(w.message)]
     assert set(scalars["shared_grad_error/model.wte.weight"]) == {0, 1, 2, 3}
-    assert min(scalars["shared_grad_error/model.wte.weight"].values()) > 0.1
-    assert "shared_grad/model.wte.weight/model.wte" in scalars
+    assert max(scalars["shared_grad_error/model.wte.weight"].values()) < 1e-6
+    check_against_oracle(module, scalars, [0, 1, 2, 3])
 
 
 class LoopedBlock(Recorder):

@@ -496,7 +496,9 @@ def test_aggregate_depth_keeps_shared_metrics_per_parameter() -> None:
     watcher.start_step()
     watcher.begin_forward()
     x, y = dataset(16)[:]
-    F.cross_entropy(net(x), y).backward()
+    loss = F.cross_entropy(net(x), y)
+    watcher.before_backward(loss)
+    loss.backward()
     metrics = watcher.compute()
     assert {k for k in metrics if k.startswith("grad_norm")} == {
         "grad_norm/0",

@@ -1,165 +1,500 @@
-"""SharedUseTracker alone: which parameters get views, site names, and the closed-form toy."""
+"""SharedUseTracker: every use of a parameter seen where it happens, named by module call, model untouched.
+
+Each case compares against an independent oracle: a functional re-run with one detached copy of
+the shared tensor per use (tests/helpers/uses.py).
+"""
 
 from __future__ import annotations
 
+import copy
+import io
+import pickle
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
-from param_monitor.sharing import SharedUseTracker
+from param_monitor.sharing import EARLIER_SITE, OUTSIDE_SITE, ROOT_SITE, SharedUseTracker
+from tests.helpers.uses import assert_matches, copies, oracle_grads, tracked_step
 
 
-class RecordingLinear(nn.Linear):
-    """Records what sits in its weight slot while it runs (a view when tracked)."""
+def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.named_parameters())
+
+
+# -- uses that no module call of the owner makes ---------------------------------------------------
+class TiedHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(11, 6)
+        self.mix = nn.Linear(6, 6)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.tanh(self.mix(self.wte(idx))), self.wte.weight)  # tied head, functional
+
+
+def test_tied_head_used_functionally_in_the_parent() -> None:
+    torch.manual_seed(0)
+    model, idx = TiedHead(), torch.randint(0, 11, (7,))
+    got, _ = tracked_step(model, lambda: model(idx).logsumexp(-1).sum())
+    w = {"wte": copies({"wte.weight": model.wte.weight}), ROOT_SITE: copies({"wte.weight": model.wte.weight})}
+    h = torch.tanh(model.mix(F.embedding(idx, w["wte"]["wte.weight"])))
+    expected = oracle_grads(F.linear(h, w[ROOT_SITE]["wte.weight"]).logsumexp(-1).sum(), w)
+    assert_matches(got, {"wte.weight": expected["wte.weight"]}, model)
+
+
+class Albert(nn.Module):
+    """One attention layer used at every depth (ALBERT-style)."""
+
+    def __init__(self, layer: nn.Module, depth: int = 3) -> None:
+        super().__init__()
+        self.layer = layer
+        self.depth = depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.seen_types.append(type(self._parameters["weight"]))
-        return super().forward(x)
-
-    seen_types: list[type]
-
-
-def recording_linear(n: int) -> RecordingLinear:
-    layer = RecordingLinear(n, n)
-    layer.seen_types = []
-    return layer
+        for _ in range(self.depth):
+            out = self.layer(x, x, x, need_weights=False) if isinstance(self.layer, nn.MultiheadAttention) else None
+            x = out[0] if out is not None else self.layer(x)
+        return x
 
 
-class Looper(nn.Module):
-    """``inp`` then ``block`` ``repeats`` times: ``block`` is shared only when repeats > 1."""
+def albert_oracle(model: Albert, x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    per_use = {f"layer#{k}": copies(params_of(model.layer)) for k in range(model.depth)}
+    h = x
+    for k in range(model.depth):
+        if isinstance(model.layer, nn.MultiheadAttention):
+            h = functional_call(model.layer, per_use[f"layer#{k}"], (h, h, h), {"need_weights": False})[0]
+        else:
+            h = functional_call(model.layer, per_use[f"layer#{k}"], (h,))
+    grads = oracle_grads(h.pow(2).sum(), per_use)
+    return {f"layer.{name}": sites for name, sites in grads.items()}
+
+
+def test_multihead_attention_shared_across_depth_splits_every_weight() -> None:
+    # MHA reads out_proj.weight/bias itself (out_proj is never called): still one use per depth
+    torch.manual_seed(0)
+    model, x = Albert(nn.MultiheadAttention(8, 2, dropout=0.0)), torch.randn(5, 2, 8)
+    got, _ = tracked_step(model, lambda: model(x).pow(2).sum())
+    expected = albert_oracle(model, x)
+    assert {"layer.out_proj.weight", "layer.out_proj.bias", "layer.in_proj_weight"} <= set(got)
+    assert_matches(got, expected, model)
+
+
+def test_transformer_encoder_layer_shared_across_depth() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model, x = Albert(layer, depth=2), torch.randn(2, 5, 8)
+    got, _ = tracked_step(model, lambda: model(x).pow(2).sum())
+    expected = {}
+    for name, sites in albert_oracle(model, x).items():
+        # a use belongs to the innermost module call: `layer.linear1#k`, `layer.self_attn#k` (which
+        # reads out_proj's weights itself)
+        owner = name.rsplit(".", 1)[0].replace(".out_proj", "")
+        expected[name] = {f"{owner}#{k}": g for k, g in enumerate(sites.values())}
+    assert_matches(got, expected, model, tol=1e-4)
+
+
+class Recursive(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, depth: int = 2) -> torch.Tensor:
+        h = torch.tanh(self.lin(x))
+        return h if depth == 0 else self(h, depth - 1)
+
+
+def test_module_calling_itself_gets_one_site_per_call() -> None:
+    torch.manual_seed(0)
+    model, x = Recursive(), torch.randn(3, 4)
+    got, _ = tracked_step(model, lambda: model(x).pow(2).sum())
+    per_use = {f"{ROOT_SITE}#{k}": copies(params_of(model)) for k in range(3)}
+    h = x
+    for k in range(3):
+        w = per_use[f"{ROOT_SITE}#{k}"]
+        h = torch.tanh(F.linear(h, w["lin.weight"], w["lin.bias"]))
+    # the uses happen in `lin`, called once per recursion level: its calls name the sites
+    expected = {
+        name: {f"lin#{k}": g for k, g in enumerate(sites.values())}
+        for name, sites in oracle_grads(h.pow(2).sum(), per_use).items()
+    }
+    assert_matches(got, expected, model)
+    norms = [got["lin.weight"][f"lin#{k}"].norm().item() for k in range(3)]
+    assert len(set(norms)) == 3 and min(norms) > 0  # not one site holding the whole gradient
+
+
+class Reordered(nn.Module):
+    """A custom forward running a Sequential's entries in another order than registered."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.inp = recording_linear(3)
-        self.block = recording_linear(3)
-        self.repeats = 1
+        shared = nn.Linear(4, 4)
+        self.seq = nn.Sequential(shared, nn.ReLU(), shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.inp(x)
-        for _ in range(self.repeats):
-            h = torch.tanh(self.block(h))
-        return h
+        return self.seq[0](self.seq[1](self.seq[2](x) * 3))
 
 
-def run(
-    tracker: SharedUseTracker, model: nn.Module, capture: bool = True, features: int = 3
-) -> dict[str, dict[str, torch.Tensor]]:
-    tracker.start(capture=capture)
-    tracker.begin_forward()
-    model(torch.randn(4, features)).sum().backward()
-    tracker.stop()
-    return tracker.contributions()
-
-
-def test_after_counting_only_shared_parameters_get_views() -> None:
-    model = Looper()
-    model.repeats = 2
-    tracker = SharedUseTracker(model)
-    run(tracker, model, capture=False)  # the first step: counting only
-    model.inp.seen_types.clear()
-    model.block.seen_types.clear()
-    contributions = run(tracker, model)
-    assert model.inp.seen_types == [nn.Parameter]  # not shared: left alone
-    assert model.block.seen_types == [torch.Tensor, torch.Tensor]  # shared: a view during each call
-    assert set(contributions) == {"block.weight", "block.bias"}
-    assert list(contributions["block.weight"]) == ["block#0", "block#1"]
-
-
-def test_module_that_starts_running_twice_is_tracked_from_the_next_forward() -> None:
-    model = Looper()
-    tracker = SharedUseTracker(model)
-    assert run(tracker, model, capture=False) == {}
-    model.repeats = 3
-    assert run(tracker, model) == {}  # judged by the previous forward (one call): no views yet
-    model.zero_grad()
-    contributions = run(tracker, model)
-    assert list(contributions["block.weight"]) == ["block#0", "block#1", "block#2"]
-    total = sum(contributions["block.weight"].values())
-    assert torch.allclose(total, model.block.weight.grad, rtol=1e-6, atol=1e-7)
+def test_sequential_entries_run_out_of_order_get_call_numbers_not_paths() -> None:
+    torch.manual_seed(0)
+    model, x = Reordered(), torch.randn(2, 4)
+    got, _ = tracked_step(model, lambda: model(x).pow(2).sum())
+    w = {"seq.0#0": copies(params_of(model.seq[0])), "seq.0#1": copies(params_of(model.seq[0]))}
+    h = F.linear(x, w["seq.0#0"]["weight"], w["seq.0#0"]["bias"]) * 3
+    out = F.linear(F.relu(h), w["seq.0#1"]["weight"], w["seq.0#1"]["bias"])
+    expected = {f"seq.0.{n}": s for n, s in oracle_grads(out.pow(2).sum(), w).items()}
+    assert_matches(got, expected, model)
 
 
 def test_sequential_sites_are_registered_paths_in_call_order() -> None:
-    shared = nn.Linear(2, 2)
-    net = nn.Sequential(nn.Linear(2, 2), shared, nn.ReLU(), shared)
+    shared = nn.Linear(3, 3)
+    net = nn.Sequential(nn.Linear(3, 3), shared, nn.Tanh(), shared)
+    got, tracker = tracked_step(net, lambda: net(torch.randn(2, 3)).sum())
+    assert list(got["1.weight"]) == ["1", "3"]
+    assert tracker.call_sites()["1.weight"] == ["1", "3"]
+    assert tracker.call_sites()["0.weight"] == ["0"]
+
+
+class ForwardTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.forward(torch.tanh(self.block(x)))  # the second use bypasses __call__
+
+
+def test_use_through_forward_and_a_penalty_outside_forward() -> None:
+    torch.manual_seed(0)
+    model, x = ForwardTwice(), torch.randn(3, 4)
+    got, _ = tracked_step(model, lambda: model(x).pow(2).sum() + 0.1 * model.block.weight.pow(2).sum())
+    sites = ["block", ROOT_SITE, OUTSIDE_SITE]
+    w = {s: copies(params_of(model.block)) for s in sites}
+    out = F.linear(torch.tanh(F.linear(x, w["block"]["weight"], w["block"]["bias"])), w[ROOT_SITE]["weight"])
+    out = out + w[ROOT_SITE]["bias"]
+    loss = out.pow(2).sum() + 0.1 * w[OUTSIDE_SITE]["weight"].pow(2).sum()
+    expected = {f"block.{n}": s for n, s in oracle_grads(loss, w).items()}
+    expected["block.bias"].pop(OUTSIDE_SITE)
+    assert_matches(got, expected, model)
+
+
+class Experts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.experts = nn.ParameterList([nn.Parameter(torch.randn(4, 4)) for _ in range(2)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x @ self.experts[0]) @ self.experts[0] + x @ self.experts[1]
+
+
+def test_parameter_list_expert_used_twice_in_one_call() -> None:
+    torch.manual_seed(0)
+    model, x = Experts(), torch.randn(3, 4)
+    got, _ = tracked_step(model, lambda: model(x).pow(2).sum())
+    w = {f"{ROOT_SITE}:{j}": copies({"experts.0": model.experts[0]}) for j in range(2)}
+    out = torch.tanh(x @ w[f"{ROOT_SITE}:0"]["experts.0"]) @ w[f"{ROOT_SITE}:1"]["experts.0"] + x @ model.experts[1]
+    assert_matches(got, oracle_grads(out.pow(2).sum(), w), model)
+    assert "experts.1" not in got  # used once: no buffer
+
+
+def test_derived_weight_through_functional_call_is_split_per_use() -> None:
+    # w * 2 is computed once and used by two calls: the walk looks through the Mul to the branches
+    torch.manual_seed(0)
+    lin, x = nn.Linear(4, 4), torch.randn(3, 4)
+
+    def loss() -> torch.Tensor:
+        derived = {"weight": lin.weight * 2, "bias": lin.bias}
+        return functional_call(lin, derived, (torch.tanh(functional_call(lin, derived, (x,))),)).pow(2).sum()
+
+    got, _ = tracked_step(lin, loss)
+    w = {f"{ROOT_SITE}#{k}": copies(params_of(lin)) for k in range(2)}
+    h = torch.tanh(F.linear(x, w[f"{ROOT_SITE}#0"]["weight"] * 2, w[f"{ROOT_SITE}#0"]["bias"]))
+    out = F.linear(h, w[f"{ROOT_SITE}#1"]["weight"] * 2, w[f"{ROOT_SITE}#1"]["bias"])
+    assert_matches(got, oracle_grads(out.pow(2).sum(), w), lin)
+
+
+def test_autocast_weight_cast_cache_is_looked_through() -> None:
+    # plain torch.autocast caches one bf16 copy of each weight for all its uses: one ToCopy node
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    net, x = nn.Sequential(shared, nn.Tanh(), shared), torch.randn(3, 4)
+
+    def loss() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return net(x).float().pow(2).sum()
+
+    got, _ = tracked_step(net, loss)
+    assert list(got["0.weight"]) == ["0", "2"]
+    w = {s: copies(params_of(shared)) for s in ("0", "2")}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = F.linear(torch.tanh(F.linear(x, w["0"]["weight"], w["0"]["bias"])), w["2"]["weight"], w["2"]["bias"])
+    expected = {f"0.{n}": s for n, s in oracle_grads(out.float().pow(2).sum(), w).items()}
+    assert_matches(got, expected, net, tol=2e-2)  # bf16: each branch is rounded on its own
+
+
+def test_old_style_weight_norm_on_a_shared_layer() -> None:
+    torch.manual_seed(0)
+    shared = torch.nn.utils.weight_norm(nn.Linear(4, 4))
+    net, x = nn.Sequential(shared, nn.Tanh(), shared), torch.randn(3, 4)
+    got, _ = tracked_step(net, lambda: net(x).pow(2).sum())
+    assert {"0.weight_g", "0.weight_v", "0.bias"} <= set(got)
+    for name in ("0.weight_g", "0.weight_v"):
+        assert list(got[name]) == ["0", "2"]
+        assert torch.allclose(sum(got[name].values()), params_of(net)[name].grad, atol=1e-6)
+
+
+def test_embedding_with_max_norm_shared_twice() -> None:
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4, max_norm=1.0)
+    model = nn.Module()
+    model.emb = emb
+    a, b = torch.tensor([1, 2, 3]), torch.tensor([3, 4])
+    got, _ = tracked_step(model, lambda: emb(a).sum() + emb(b).pow(2).sum())
+    w = {f"emb#{k}": copies({"emb.weight": emb.weight}) for k in range(2)}
+    loss = F.embedding(a, w["emb#0"]["emb.weight"]).sum() + F.embedding(b, w["emb#1"]["emb.weight"]).pow(2).sum()
+    assert_matches(got, oracle_grads(loss, w), model)
+
+
+def test_sparse_embedding_gradients() -> None:
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4, sparse=True)
+    model = nn.Module()
+    model.emb = emb
+    a, b = torch.tensor([1, 2]), torch.tensor([2, 3])
+    got, _ = tracked_step(model, lambda: emb(a).sum() + emb(b).pow(2).sum())  # no crash in the model's backward
+    w = {f"emb#{k}": copies({"emb.weight": emb.weight}) for k in range(2)}
+    loss = F.embedding(a, w["emb#0"]["emb.weight"]).sum() + F.embedding(b, w["emb#1"]["emb.weight"]).pow(2).sum()
+    assert_matches(got, oracle_grads(loss, w), model)
+
+
+def test_float64_and_complex_parameters_keep_their_dtype() -> None:
+    torch.manual_seed(0)
+    for dtype in (torch.float64, torch.complex64):
+        shared = nn.Linear(3, 3, bias=False, dtype=dtype)
+        net, x = nn.Sequential(shared, shared), torch.randn(2, 3, dtype=dtype)
+        got, _ = tracked_step(net, lambda net=net, x=x: net(x).abs().pow(2).sum())
+        assert {t.dtype for t in got["0.weight"].values()} == {dtype}
+        assert torch.allclose(sum(got["0.weight"].values()), shared.weight.grad)
+
+
+# -- accumulation and what `.grad` holds ------------------------------------------------------------
+class SometimesTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(4, 4)
+        self.twice = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.block(x))
+        return self.block(h) if self.twice else h
+
+
+def test_block_shared_only_in_a_later_micro_batch() -> None:
+    # micro-batch 1 uses `block` once (no buffer), micro-batch 2 twice: the sites still add up to .grad
+    torch.manual_seed(0)
+    model, x1, x2 = SometimesTwice(), torch.randn(3, 4), torch.randn(3, 4)
+    tracker = SharedUseTracker(model)
+    tracker.start()
+    for x, twice in ((x1, False), (x2, True)):
+        model.twice = twice
+        tracker.begin_forward()
+        loss = model(x).pow(2).sum()
+        tracker.before_backward(loss)
+        loss.backward()
+        tracker.after_backward()
+    got = tracker.contributions()
+    tracker.stop()
+    w0, w1 = copies(params_of(model.block)), copies(params_of(model.block))
+    first = torch.tanh(F.linear(x1, w0["weight"], w0["bias"])).pow(2).sum()
+    second = F.linear(torch.tanh(F.linear(x2, w0["weight"], w0["bias"])), w1["weight"], w1["bias"]).pow(2).sum()
+    grads = oracle_grads(first + second, {"block": w0, "block#1": w1})
+    # in micro-batch 1 `block` was called once (site `block`), in micro-batch 2 twice (`block#0`, `block#1`)
+    assert set(got["block.weight"]) == {"block", "block#0", "block#1"}
+    total = sum(got["block.weight"].values())
+    assert torch.allclose(total, model.block.weight.grad, atol=1e-6)
+    assert torch.allclose(got["block.weight"]["block#1"], grads["weight"]["block#1"], atol=1e-6)
+
+
+def test_zero_grad_between_backward_passes_empties_the_contributions() -> None:
+    # a GAN's discriminator: the generator loss's backward reaches it, then zero_grad, then its own loss
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    net, x = nn.Sequential(shared, nn.Tanh(), shared), torch.randn(3, 4)
     tracker = SharedUseTracker(net)
-    contributions = run(tracker, net, features=2)
-    assert list(contributions["1.weight"]) == ["1", "3"]
-    assert tracker.call_sites() == {"0.weight": ["0"], "0.bias": ["0"], "1.weight": ["1", "3"], "1.bias": ["1", "3"]}
-    assert sorted(tracker.shared_names()) == ["1.bias", "1.weight"]
+    tracker.start()
+    for scale in (5.0, 1.0):
+        net.zero_grad(set_to_none=True) if scale == 1.0 else None
+        tracker.begin_forward()
+        loss = scale * net(x).pow(2).sum()
+        tracker.before_backward(loss)
+        loss.backward()
+        tracker.after_backward()
+    got = tracker.contributions()
+    tracker.stop()
+    assert list(got["0.weight"]) == ["0", "2"]
+    assert torch.allclose(sum(got["0.weight"].values()), shared.weight.grad, atol=1e-6)
 
 
-def test_no_grad_calls_are_not_counted() -> None:
-    shared = nn.Linear(2, 2)
-    net = nn.Sequential(shared, shared)
+def test_gradient_already_in_grad_is_the_earlier_site() -> None:
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    net, x = nn.Sequential(shared, nn.Tanh(), shared), torch.randn(3, 4)
+    net(x).sum().backward()  # manual accumulation: a batch before tracking began
+    before = shared.weight.grad.clone()
     tracker = SharedUseTracker(net)
     tracker.start()
     tracker.begin_forward()
-    with torch.no_grad():
-        net(torch.ones(1, 2))
-    out = net(torch.ones(1, 2))
-    out.sum().backward()
+    loss = net(x).pow(2).sum()
+    tracker.before_backward(loss)
+    loss.backward()
+    tracker.after_backward()
+    got = tracker.contributions()
     tracker.stop()
-    assert list(tracker.contributions()["0.weight"]) == ["0", "1"]
-    assert isinstance(net[0].weight, nn.Parameter)
+    assert list(got["0.weight"]) == [EARLIER_SITE, "0", "2"]
+    assert torch.equal(got["0.weight"][EARLIER_SITE], before)
+    assert torch.allclose(sum(got["0.weight"].values()), shared.weight.grad, atol=1e-6)
+
+
+# -- checkpointing ----------------------------------------------------------------------------------
+def test_non_reentrant_checkpointing_recomputation_is_not_a_use() -> None:
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    net, x = nn.Sequential(shared, nn.Tanh(), shared), torch.randn(3, 4)
+    got, _ = tracked_step(net, lambda: checkpoint(net, x, use_reentrant=False).pow(2).sum())
+    assert list(got["0.weight"]) == ["0", "2"]
+    assert torch.allclose(sum(got["0.weight"].values()), shared.weight.grad, atol=1e-6)
+
+
+def test_reentrant_checkpointing_is_flagged_not_silent() -> None:
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    net, x = nn.Sequential(shared, nn.Tanh(), shared), torch.randn(3, 4, requires_grad=True)
+    got, tracker = tracked_step(net, lambda: checkpoint(net, x, use_reentrant=True).pow(2).sum())
+    assert "0.weight" not in got
+    assert "reentrant" in tracker.unattributed()["0.weight"]
+
+
+# -- names -------------------------------------------------------------------------------------------
+def test_no_grad_calls_are_not_counted() -> None:
+    shared = nn.Linear(3, 3)
+    net = nn.Sequential(shared, nn.Tanh(), shared)
+
+    def loss() -> torch.Tensor:
+        with torch.no_grad():
+            net(torch.randn(2, 3))  # e.g. an EMA target pass: no graph, no use
+        return net(torch.randn(2, 3)).sum()
+
+    got, _ = tracked_step(net, loss)
+    assert list(got["0.weight"]) == ["0", "2"]
 
 
 def test_module_under_two_attribute_names_gets_numbered_sites_in_call_order() -> None:
-    """``self.first = self.second = layer``: which name a call used is unknowable, so no path is guessed."""
-
     class TwoNames(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.first = self.second = nn.Linear(3, 3, bias=False)
+            self.a = self.b = nn.Linear(3, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.first(self.second(x)) * 1000  # `second` runs first
+            return self.b(torch.tanh(self.a(x)))
 
-    torch.manual_seed(0)
-    net, x = TwoNames(), torch.randn(5, 3)
-    copies = [net.first.weight.detach().clone().requires_grad_() for _ in range(2)]
-    ((x @ copies[0].T) @ copies[1].T * 1000).sum().backward()  # oracle: call 0, then call 1
-    tracker = SharedUseTracker(net)
-    tracker.start()
-    tracker.begin_forward()
-    net(x).sum().backward()
-    tracker.stop()
-    uses = tracker.contributions()["first.weight"]
-    assert list(uses) == ["first#0", "first#1"]
-    for k in range(2):
-        assert torch.allclose(uses[f"first#{k}"], copies[k].grad, rtol=1e-5)
+    model = TwoNames()
+    got, _ = tracked_step(model, lambda: model(torch.randn(2, 3)).sum())
+    assert list(got["a.weight"]) == ["a#0", "a#1"]
 
 
 def test_parameters_frozen_then_unfrozen_are_tracked_once_trainable() -> None:
-    shared = nn.Linear(2, 2)
-    net = nn.Sequential(nn.Linear(2, 2), shared, shared)
+    shared = nn.Linear(3, 3)
+    net = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(3, 1))
     shared.requires_grad_(False)
     tracker = SharedUseTracker(net)
-    run(tracker, net, features=2)  # frozen: no hook may be registered on a view (it would raise)
-    assert tracker.contributions() == {}
+    got, _ = tracked_step(net, lambda: net(torch.randn(2, 3)).sum(), tracker=tracker)
+    assert "0.weight" not in got
     shared.requires_grad_(True)
-    net.zero_grad()
-    uses = run(tracker, net, features=2)
-    assert list(uses["1.weight"]) == ["1", "2"]
-    assert torch.allclose(sum(uses["1.weight"].values()), shared.weight.grad, rtol=1e-6, atol=1e-7)
+    got, _ = tracked_step(net, lambda: net(torch.randn(2, 3)).sum(), tracker=tracker)
+    assert list(got["0.weight"]) == ["0", "2"]
 
 
-def test_activation_checkpointing_recomputation_is_not_a_use() -> None:
-    from torch.utils.checkpoint import checkpoint
+# -- the model is never changed ------------------------------------------------------------------
+class BinaryConnect(nn.Module):
+    """A forward that writes `self.weight.data` (BinaryConnect-style clipping)."""
 
-    class Checkpointed(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.solo = nn.Linear(3, 3)
-            self.shared = nn.Linear(3, 3)
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            def block(h: torch.Tensor) -> torch.Tensor:
-                return torch.tanh(self.shared(torch.tanh(self.shared(self.solo(h)))))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.lin.weight.data = self.lin.weight.data.clamp(-0.3, 0.3)
+        return self.lin(torch.tanh(self.lin(x)))
 
-            return checkpoint(block, x, use_reentrant=False)
 
-    net = Checkpointed()
+def model_zoo() -> list[tuple[str, nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    return [
+        ("mlp", nn.Sequential(nn.Linear(4, 4), shared, nn.ReLU(), shared), torch.randn(3, 4)),
+        ("gru", nn.GRU(4, 4, batch_first=True), torch.randn(2, 5, 4)),
+        ("lstm", nn.LSTM(4, 4, batch_first=True), torch.randn(2, 5, 4)),
+        ("mha", Albert(nn.MultiheadAttention(4, 2), depth=2), torch.randn(3, 2, 4)),
+        ("orthogonal", torch.nn.utils.parametrizations.orthogonal(nn.Linear(4, 4)), torch.randn(3, 4)),
+        ("weight_norm", torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)), torch.randn(3, 4)),
+        ("binary_connect", BinaryConnect(), torch.randn(3, 4)),
+    ]
+
+
+def output_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_training_is_bit_identical_with_and_without_tracking() -> None:
+    for name, model, x in model_zoo():
+        plain, watched = copy.deepcopy(model), copy.deepcopy(model)
+        tracker = SharedUseTracker(watched)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, watched)]
+        for _ in range(3):
+            losses = []
+            for m, opt in zip((plain, watched), opts, strict=True):
+                opt.zero_grad()
+                if m is watched:
+                    tracker.start()
+                    tracker.begin_forward()
+                loss = output_of(m, x).pow(2).sum()
+                if m is watched:
+                    tracker.before_backward(loss)
+                loss.backward()
+                if m is watched:
+                    tracker.after_backward()
+                    tracker.stop()
+                opt.step()
+                losses.append(loss)
+            assert torch.equal(losses[0], losses[1]), name
+            for (n, p), (_, q) in zip(plain.named_parameters(), watched.named_parameters(), strict=True):
+                assert torch.equal(p.grad, q.grad), (name, n)
+        for (k, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items(), strict=True):
+            assert torch.equal(a, b), (name, k)
+
+
+def test_copy_or_pickle_of_the_model_during_a_tracked_step_carries_nothing() -> None:
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    net = nn.Sequential(shared, nn.Tanh(), shared)
+    reference = len(pickle.dumps(net))
     tracker = SharedUseTracker(net)
-    uses = run(tracker, net)
-    assert set(uses) == {"shared.weight", "shared.bias"}  # `solo` is not shared
-    assert list(uses["shared.weight"]) == ["shared#0", "shared#1"]
-    assert torch.allclose(sum(uses["shared.weight"].values()), net.shared.weight.grad, rtol=1e-6, atol=1e-7)
+    tracker.start()
+    tracker.begin_forward()
+    loss = net(torch.randn(3, 4)).sum()
+    tracker.before_backward(loss)
+    clone = copy.deepcopy(net)  # taken mid-step, as a user's EMA or checkpoint would
+    buffer = io.BytesIO()
+    torch.save(net, buffer)
+    assert len(pickle.dumps(net)) == reference
+    for module in (*net.modules(), *clone.modules()):
+        assert not module._forward_pre_hooks and not module._forward_hooks
+        assert all(type(p) is nn.Parameter for p in module._parameters.values())
+    loss.backward()
+    tracker.after_backward()
+    tracker.stop()
+    assert not torch.nn.modules.module._global_forward_pre_hooks
+    assert not torch.nn.modules.module._global_forward_hooks
