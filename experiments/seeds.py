@@ -110,8 +110,27 @@ def train_seed(args: Sequence[str], seed: int, quiet: bool = True) -> RunResult:
 
     ``args`` come after the quiet overrides, so they can turn any of them back on.
     """
+    configs, rest = split_configs(args)
     prefix = list(QUIET_TRAINER_ARGS) if quiet else []
-    return train([*prefix, f"--seed_everything={seed}", *args], save_config=not quiet)
+    return train([*configs, *prefix, f"--seed_everything={seed}", *rest], save_config=not quiet)
+
+
+def split_configs(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(--config arguments, the others)``, in order: the configs go first, so that the quiet overrides
+    apply on top of them (an overlay that renames the logger must find the logger still there).
+
+    >>> split_configs(["--config", "a.yaml", "--trainer.max_epochs=1", "--config=b.yaml"])
+    (['--config', 'a.yaml', '--config=b.yaml'], ['--trainer.max_epochs=1'])
+    """
+    configs, rest, it = [], [], iter(args)
+    for arg in it:
+        if arg == "--config":
+            configs += [arg, next(it)]
+        elif arg.startswith("--config="):
+            configs.append(arg)
+        else:
+            rest.append(arg)
+    return configs, rest
 
 
 @dataclass
@@ -131,7 +150,8 @@ class Settings:
     def from_cli(cls, args: Sequence[str]) -> Settings:
         from experiments.models import count_parameters, materialize
 
-        cli = build_cli([*QUIET_TRAINER_ARGS, *args], run=False)
+        configs, rest = split_configs(args)
+        cli = build_cli([*configs, *QUIET_TRAINER_ARGS, *rest], run=False)
         limits = (cli.trainer.max_steps, cli.trainer.limit_train_batches)
         return cls(
             data_dir=cli.datamodule.data_dir,
