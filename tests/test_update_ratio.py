@@ -340,3 +340,79 @@ def test_layout_charts_the_update_ratio_and_dead_units_when_logged(tmp_path: Pat
         (regex,) = charts[UPDATE_RATIO_CHART[0]]
         shown = {t for t in scalars if re.match(regex, t)}
         assert shown == {f"update_ratio/{n}" for n in UNIQUE}
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP2: local shard sums, one all-reduce (2 gloo processes on CPU)
+# --------------------------------------------------------------------------------------------
+def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        # 7 rows over 2 ranks: uneven shards; the last layer stays replicated (counted once)
+        net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 7), nn.Tanh(), nn.Linear(7, 3))
+        mesh = init_device_mesh("cpu", (2,))
+        for layer in (net[0], net[2]):
+            fully_shard(layer, mesh=mesh)
+        g = torch.Generator().manual_seed(2)
+        x, y = torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.1)
+        ratio, logged, calls = UpdateRatio(), [], []
+        all_reduce = dist.all_reduce
+
+        def counted(*args: object, **kwargs: object) -> object:
+            calls.append(1)
+            return all_reduce(*args, **kwargs)
+
+        for _ in range(2):  # the second step: Adam's state is in it
+            full_before = {n: _full(p) for n, p in net.named_parameters()}
+            # the same batch on both ranks: the unsharded last layer (no DDP around it) stays identical
+            F.cross_entropy(net(x), y).backward()
+            ratio.arm(optimizer, list(net.named_parameters()), logged.append)
+            dist.all_reduce = counted
+            optimizer.step()
+            dist.all_reduce = all_reduce
+            optimizer.zero_grad()
+        full_after = {n: _full(p) for n, p in net.named_parameters()}
+        oracle = {
+            f"update_ratio/{n}": ((full_after[n] - b).norm() / b.norm()).item() for n, b in full_before.items()
+        }
+        sharded = sorted(n for n, p in net.named_parameters() if type(p).__name__ == "DTensor")
+        result = {"logged": logged[-1], "oracle": oracle, "calls": len(calls), "sharded": sharded}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    full = p.full_tensor() if hasattr(p, "full_tensor") else p
+    return full.detach().double().clone()
+
+
+@pytest.mark.distributed
+def test_fsdp2_shard_sums_match_the_full_weights(tmp_path: Path) -> None:
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_worker, args=(port, str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for result in results:
+        assert result["sharded"] == ["0.bias", "0.weight", "2.bias", "2.weight"]  # fully_shard really ran
+        assert result["calls"] == 2  # one all-reduce per logged step (two steps)
+        assert set(result["logged"]) == set(result["oracle"])
+        for tag, want in result["oracle"].items():
+            assert math.isclose(result["logged"][tag], want, rel_tol=TOL), (tag, result["logged"][tag], want)
