@@ -12,8 +12,9 @@ once. Per repeat, interleaved so that a slow phase of the machine hits all alike
   monitor's code, NOT the optimizer's own step (an SGD step with lr 0 is run in between, untimed
   apart from the hook).
 
-It reads the weights twice and writes them once (the copy), then reads copy and weights again:
-about 2.5x the floor's traffic over the weights alone, the floor reading weights AND grads once.
+Memory traffic, in units of the weights' size W: the copy reads W and writes W, the norms of the
+copy read W; after the step the in-place difference reads 2W and writes W, its norms read W: 7W,
+against the floor's 2W (weights and grads read once), i.e. 3.5x the floor's traffic at most.
 Prints medians in ms and the ratio to the floor; the memory is one copy of the monitored weights
 (on the logging step only).
 """
