@@ -209,7 +209,7 @@ class ParameterMonitor(Callback):
             include=self.include,
             exclude=self.exclude,
             aggregate_depth=self.aggregate_depth,
-            **({"dead_units": True} if self.log_dead_units else {}),
+            dead_units=self.log_dead_units,
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
