@@ -416,3 +416,58 @@ def test_fsdp2_shard_sums_match_the_full_weights(tmp_path: Path) -> None:
         assert set(result["logged"]) == set(result["oracle"])
         for tag, want in result["oracle"].items():
             assert math.isclose(result["logged"][tag], want, rel_tol=TOL), (tag, result["logged"][tag], want)
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        net = DistributedDataParallel(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)))
+        g = torch.Generator().manual_seed(2)
+        x, y = torch.randn(16, 5, generator=g), torch.randint(0, 3, (16,), generator=g)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        F.cross_entropy(net(x[rank * 8 : (rank + 1) * 8]), y[rank * 8 : (rank + 1) * 8]).backward()
+        before = {n: p.detach().double().clone() for n, p in net.named_parameters()}
+        ratio, logged, calls = UpdateRatio(), [], []
+        originals = {name: getattr(dist, name) for name in ("all_reduce", "broadcast", "all_gather")}
+        for name, fn in originals.items():
+            setattr(dist, name, lambda *a, _fn=fn, **k: calls.append(1) or _fn(*a, **k))
+        ratio.arm(optimizer, list(net.named_parameters()), logged.append)
+        optimizer.step()
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+        oracle = {
+            f"update_ratio/{n}": ((p.detach().double() - before[n]).norm() / before[n].norm()).item()
+            for n, p in net.named_parameters()
+        }
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"logged": logged, "oracle": oracle, "calls": calls}))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_ddp_rank_zero_computes_without_a_collective(tmp_path: Path) -> None:
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2)
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert zero["calls"] == [] and one["calls"] == []  # the weights are the same everywhere: nothing to reduce
+    assert one["logged"] == []  # only rank 0 writes, so only rank 0 copies and computes
+    assert zero["oracle"] == pytest.approx(one["oracle"], rel=1e-12)  # DDP kept the ranks identical
+    (metrics,) = zero["logged"]
+    for tag, want in zero["oracle"].items():
+        assert math.isclose(metrics[tag], want, rel_tol=TOL), (tag, metrics[tag], want)
