@@ -5,6 +5,7 @@
     python -m experiments.seeds --seeds 20 --loops lightning plain       # Lightning against the plain loop
     python -m experiments.seeds --seeds 200 --loops plain                # searching for a failed run (~3 s each)
     python -m experiments.seeds --seeds 5 --model.init_seed 7            # one initialization, five data orders
+    python -m experiments.seeds --seeds 1 --first-seed 7 --loops reference   # the issue's reference loop, seed 7
 
 Every argument this runner does not know goes to the LightningCLI (``--config``, ``--trainer.*``,
 ``--model.*``, ``--data.*``), for every variant; the plain loop reads its settings (epochs, lr, batch
@@ -38,7 +39,9 @@ VARIANTS: dict[str, list[str]] = {
     "tied": ["--model.model.init_args.tied=true"],
     "untied": ["--model.model.init_args.tied=false"],
 }
-LOOPS = ("lightning", "plain")
+#: lightning: the experiment; plain: its plain-PyTorch twin (same seeding); reference: the issue's
+#: independent loop, seeded its own way (``experiments.plain.train_reference``; ignores init_seed).
+LOOPS = ("lightning", "plain", "reference")
 
 
 @dataclass(frozen=True)
@@ -183,15 +186,16 @@ def run(
     on_row: Callable[[int, dict[tuple[str, str], float]], None] | None = None,
 ) -> Runs:
     """Every seed, every variant, every loop (interleaved, so a slow phase of the machine hits all alike)."""
-    from experiments.plain import Splits, train_plain
+    from experiments.plain import Splits, train_plain, train_reference
 
     runs = Runs()
     settings = {v: Settings.from_cli([*cli_args, *VARIANTS[v]]) for v in variants}
     runs.num_parameters = {v: s.num_parameters for v, s in settings.items()}
-    if "plain" in loops and not all(s.whole_epochs for s in settings.values()):
+    twins = {"plain", "reference"} & set(loops)
+    if twins and not all(s.whole_epochs for s in settings.values()):
         # the plain loop runs whole epochs: refuse rather than compare two different runs
         raise SystemExit("the plain loop takes --trainer.max_epochs only (no max_steps, no limit_train_batches)")
-    splits = Splits.load(settings[variants[0]].data_dir) if "plain" in loops else None
+    splits = Splits.load(settings[variants[0]].data_dir) if twins else None
     for seed in seeds:
         row: dict[tuple[str, str], float] = {}
         for variant in variants:
@@ -205,6 +209,10 @@ def run(
                     init_seed=s.init_seed,
                 )  # fmt: skip
                 row[(variant, "plain")] = result.val_acc
+            if "reference" in loops:
+                s = settings[variant]
+                reference = train_reference(splits, seed, s.max_epochs, s.lr, s.batch_size, s.tied)
+                row[(variant, "reference")] = reference.val_acc
         runs.seeds.append(seed)
         for key, acc in row.items():
             runs.accs.setdefault(key, []).append(acc)
@@ -265,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> Runs:
     print(f"\nfinal val_acc, seeds {runs.seeds[0]}-{runs.seeds[-1]}, {time.perf_counter() - start:.0f} s:")
     print(table(runs, opts.fail_below))
     for variant in opts.variants:
-        if len(opts.loops) == 2:
+        if {"lightning", "plain"} <= set(opts.loops):
             pairs = zip(runs.accs[(variant, "lightning")], runs.accs[(variant, "plain")], strict=True)
             same = sum(abs(a - b) < 0.5e-4 for a, b in pairs)  # < 1 image of 10k
             print(f"{variant}: Lightning and plain agree on {same}/{len(runs.seeds)} seeds")

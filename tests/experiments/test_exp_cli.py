@@ -155,6 +155,34 @@ def test_seeds_runner_variants_and_both_loops(
     assert "tied: Lightning and plain agree on 2/2 seeds" in out
 
 
+def test_seeds_runner_reference_loop_is_seeded_its_own_way(
+    fake_system_env: FakeFashionMNIST, in_tmp_cwd: Path
+) -> None:
+    """The reference loop: manual_seed(s) before building, the same s for the shuffling generator."""
+    from experiments.data import TensorBatchLoader
+    from experiments.plain import evaluate, train_reference
+
+    args = ["--seeds", "1", "--first-seed", "3", "--loops", "reference", "plain", "--trainer.max_epochs=1"]
+    runs = seeds.main([*args, f"--data.data_dir={in_tmp_cwd / 'data'}", "--data.batch_size=16"])
+    splits = Splits.load(str(in_tmp_cwd / "data"))
+    # oracle: the reference's recipe written out (lazy layers materialized by the first batch)
+    generator = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    net = SharedMLP()
+    optimizer = None
+    for x, y in TensorBatchLoader(splits.train_x, splits.train_y, 16, shuffle=True, generator=generator):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        optimizer = optimizer or torch.optim.SGD(net.parameters(), lr=0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    expected = evaluate(net, TensorBatchLoader(splits.val_x, splits.val_y, 16))
+    assert runs.accs[("config", "reference")] == [pytest.approx(expected, abs=1e-9)]
+    reference = train_reference(splits, 3, max_epochs=1, batch_size=16).model
+    for (name, a), (_, b) in zip(net.named_parameters(), reference.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_seeds_runner_config_variant_follows_the_config_and_logs(
     fake_system_env: FakeFashionMNIST, in_tmp_cwd: Path
 ) -> None:
