@@ -7,7 +7,9 @@ Prints, for a model of ``--layers`` Linear layers (2 tensors each) in blocks of 
 1. one process: the median ratio of a logging step's monitor cost (pack the partial sums, one
    transfer, finalize; per tensor, and per block with ``aggregate_depth=1``) to the bandwidth floor, ONE
    ``torch._foreach_norm`` over all weights and gradients (target <= 2x);
-2. two processes (gloo, CPU): the collectives the monitor issues on a logging step, counted by
+2. one process: the per-use capture's graph walk per backward, and the global module hooks' cost
+   on a forward, for the same model plus one shared layer;
+3. two processes (gloo, CPU): the collectives the monitor issues on a logging step, counted by
    wrapping ``torch.distributed``'s functions (target: exactly 1) for the same model sharded by
    FSDP2 (the partial sums are summed) and replicated DDP-style with a shared layer (the per-use
    contributions are averaged), and the sharded step's cost ratio against the local floor.
@@ -46,9 +48,46 @@ def build(layers: int, width: int, shared: bool = False, per_block: int = 10) ->
     return nn.Sequential(*blocks)
 
 
-def backward(model: nn.Module, width: int, batch: int = 16) -> None:
+def backward(model: nn.Module, width: int, batch: int = 16, watcher: ParameterWatcher | None = None) -> float:
+    """One backward; with a tracking ``watcher``, its graph walk first. Returns the walk's seconds."""
     model.zero_grad(set_to_none=True)
-    model(torch.randn(batch, width)).square().mean().backward()
+    loss = model(torch.randn(batch, width)).square().mean()
+    t0 = time.perf_counter()
+    if watcher is not None:
+        watcher.before_backward(loss)
+    walk = time.perf_counter() - t0
+    loss.backward()
+    if watcher is not None:
+        watcher.after_backward()
+    return walk
+
+
+def graph_walk_cost(args: argparse.Namespace) -> None:
+    """The per-use capture's graph walk on this model (+ one shared layer), per logging step."""
+    model = build(args.layers, args.width, shared=True)
+    watcher = ParameterWatcher(model)
+    walks, forwards_hooked, forwards_plain = [], [], []
+    for _ in range(args.repeats):
+        x = torch.randn(16, args.width)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(x)
+        forwards_plain.append(time.perf_counter() - t0)
+        watcher.start_step()
+        watcher.begin_forward()
+        t0 = time.perf_counter()
+        with torch.no_grad():  # the same forward with the global module hooks installed
+            model(x)
+        forwards_hooked.append(time.perf_counter() - t0)
+        walks.append(backward(model, args.width, watcher=watcher))
+        watcher.compute()
+    nodes = 3 * (args.layers + 1)  # AddmmBackward, TBackward, AccumulateGrad(weight) per call (+ bias)
+    med = lambda xs: 1e3 * statistics.median(xs)  # noqa: E731
+    print(
+        f"graph walk (per-use capture) on {2 * args.layers + 2} tensors, ~{nodes} graph nodes: "
+        f"{med(walks):.2f} ms per backward; module-call windows: forward {med(forwards_hooked):.2f} ms "
+        f"with the global hooks vs {med(forwards_plain):.2f} ms without ({args.layers + 1 + len(model)} calls)"
+    )
 
 
 def floor(model: nn.Module) -> None:
@@ -134,7 +173,7 @@ def _worker(rank: int, port: int, args: argparse.Namespace) -> None:
         tracked = ParameterWatcher(replicated)
         tracked.start_step()
         tracked.begin_forward()
-        backward(replicated, args.width)
+        backward(replicated, args.width, watcher=tracked)
         with count_collectives() as ddp_calls:
             metrics = monitor_step(tracked)
         tracked.end_step()
@@ -164,6 +203,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     single_process(args)
+    graph_walk_cost(args)
     mp.spawn(_worker, args=(free_port(), args), nprocs=2)
 
 

@@ -86,9 +86,11 @@ Target = tuple[Any, str, str]  # (class or module, attribute, label)
 # the monitor's code; these add up to its own time per step
 MONITOR_HOOKS: list[Target] = [
     (ParameterMonitor, "on_train_batch_start", "batch_start"),
-    (SharedUseTracker, "_before_call", "forward_pre_hooks"),
+    (SharedUseTracker, "_before_call", "forward_pre_hooks (global, module-call windows)"),
     (SharedUseTracker, "_after_call", "forward_post_hooks"),
-    (SharedUseTracker, "_on_use_grad", "grad_hooks"),
+    (ParameterMonitor, "on_before_backward", "before_backward (graph walk)"),
+    (SharedUseTracker, "_on_node_grad", "graph-node hooks (per-use copies)"),
+    (ParameterMonitor, "on_after_backward", "after_backward"),
     (ParameterMonitor, "on_before_optimizer_step", "before_optimizer_step"),
     (ParameterMonitor, "on_train_batch_end", "batch_end"),
 ]

@@ -65,20 +65,21 @@ def all_reduce_sum(packed: Tensor, group: ProcessGroup | None) -> Tensor:
     return packed
 
 
-def average_contributions(buffers: Sequence[Tensor], group: ProcessGroup | None) -> None:
-    """Average per-use contribution buffers over the ranks IN PLACE, as DDP averages ``.grad``.
+def average_contributions(buffers: Sequence[Tensor], group: ProcessGroup | None) -> list[Tensor]:
+    """Per-use contributions averaged over the ranks, as DDP averages ``.grad`` (new tensors).
 
     All buffers go through one flat tensor and ONE all-reduce (SUM, then divide by the world
     size). Every rank must pass the same buffers in the same order (the tracker names sites by
     module path and call order, identical on every rank for a model without data-dependent
-    control flow).
+    control flow). The inputs are not written: they may be autograd's own gradient tensors.
     """
     if group is None or not buffers:
-        return
+        return list(buffers)
     flat = torch.cat([b.reshape(-1) for b in buffers])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     flat.div_(dist.get_world_size(group))
-    offset = 0
+    out, offset = [], 0
     for buf in buffers:
-        buf.copy_(flat[offset : offset + buf.numel()].view_as(buf))
+        out.append(flat[offset : offset + buf.numel()].view_as(buf))
         offset += buf.numel()
+    return out

@@ -34,9 +34,11 @@ that consumed the parameter (``Node._sequence_nr()``):
   change made between two backward passes (manual accumulation, ``zero_grad(set_to_none=False)``):
   ``<earlier>``, so that the sites still add up to ``.grad``.
 
-Only *shared* parameters keep buffers: one per use, in fp32 (fp64/complex parameters keep
-their dtype), summed over the micro-batches of the step. A parameter is shared when it is
-registered under several names or gets more than one contribution in a step.
+Only *shared* parameters keep anything: per use, the gradient tensor autograd made for it (no
+copy; autograd counts our reference and never writes into it); from a second micro-batch on, a
+buffer of ours in fp32 (fp64/complex parameters keep their dtype) that sums the micro-batches.
+A parameter is shared when it is registered under several names or gets more than one
+contribution in a step.
 
 >>> import torch, torch.nn as nn
 >>> shared = nn.Linear(1, 1, bias=False)
@@ -67,11 +69,16 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.autograd.graph import Node, get_gradient_edge
+from torch.autograd.graph import Node
 from torch.nn.parameter import UninitializedParameter
 from torch.utils.hooks import RemovableHandle
 
 from param_monitor.parameters import parameter_aliases
+
+# Every autograd node takes the next number of a thread-local counter (`Node._sequence_nr()`).
+# Reading the counter without creating a node needs this private binding (0.1 us instead of a
+# ~5 us probe node); no public API exposes it. Without it, a probe node reads it.
+_peek_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
 
 ROOT_SITE = "<root>"
 OUTSIDE_SITE = "<outside>"
@@ -82,7 +89,7 @@ _OPAQUE_NODES = {"CheckpointFunctionBackward": "reentrant activation checkpointi
 
 @dataclass
 class _Call:
-    """One module call: the sequence numbers of the autograd nodes it created lie in (start, end)."""
+    """One module call: the sequence numbers of the autograd nodes it created lie in [start, end)."""
 
     module_id: int
     index: int  # the index of this call among the module's calls in this forward pass
@@ -107,6 +114,7 @@ class _ParamState:
     """What a shared parameter's buffers hold in this step."""
 
     buffers: dict[str, Tensor] = field(default_factory=dict)
+    owned: set[str] = field(default_factory=set)  # sites whose buffer is ours (else autograd's own tensor)
     grad_ref: tuple[int, int] | None = None  # (id, _version) of `.grad` after our last backward
     single_sites: list[str] = field(default_factory=list)  # untracked backward passes: their one site
 
@@ -257,9 +265,11 @@ class SharedUseTracker:
         self._n_calls: dict[int, int] = {}
 
     def _sequence_number(self) -> int:
-        # every autograd node takes the next number of a thread-local counter: a probe node reads it.
-        with torch.enable_grad():
-            return self._probe.view_as(self._probe).grad_fn._sequence_nr()  # type: ignore[union-attr]
+        """The number the next autograd node created on this thread will take."""
+        if _peek_sequence_nr is not None:
+            return _peek_sequence_nr()
+        with torch.enable_grad():  # a probe node takes a number: the next one is after it
+            return self._probe.view_as(self._probe).grad_fn._sequence_nr() + 1  # type: ignore[union-attr]
 
     def _before_call(self, module: nn.Module, args: Any) -> None:
         mid = id(module)
@@ -292,7 +302,7 @@ class SharedUseTracker:
         i = bisect.bisect_right(self._starts, seq) - 1
         while i >= 0:
             call = calls[i]
-            if call.start < seq < call.end:
+            if call.start <= seq < call.end:
                 return self._call_label(call)
             i -= 1
         return OUTSIDE_SITE
@@ -327,8 +337,7 @@ class SharedUseTracker:
             handle.remove()
         self._node_handles = []
         self._starts = [c.start for c in self._calls]
-        accumulators = self._accumulators()
-        incoming, opaque = _walk(roots, accumulators)
+        incoming, accumulators, opaque = _walk(roots, self._trainable_ids())
         for kind in opaque:
             self._opaque.setdefault(kind, _OPAQUE_NODES[kind])
         uses_of: dict[int, list[_Use]] = {}
@@ -364,12 +373,12 @@ class SharedUseTracker:
             grad = self._param_of[pid].grad
             state.grad_ref = None if grad is None else (id(grad), grad._version)
 
-    def _accumulators(self) -> dict[Node, int]:
-        out: dict[Node, int] = {}
-        for pid, param in self._param_of.items():
-            if param.requires_grad and not isinstance(param, UninitializedParameter):
-                out[get_gradient_edge(param).node] = pid
-        return out
+    def _trainable_ids(self) -> set[int]:
+        return {
+            pid
+            for pid, param in self._param_of.items()
+            if param.requires_grad and not isinstance(param, UninitializedParameter)
+        }
 
     def _label(self, uses: list[_Use]) -> list[str]:
         sites = [self._site_of(use.seq) for use in uses]
@@ -396,8 +405,10 @@ class SharedUseTracker:
         if state is not None and state.buffers:
             if grad is None:  # `.grad` was reset (zero_grad): so are its contributions
                 state.buffers.clear()
+                state.owned.clear()
             elif state.grad_ref != (id(grad), grad._version):  # changed between backward passes
                 state.buffers = {EARLIER_SITE: _buffer_like(grad, grad)}
+                state.owned = {EARLIER_SITE}
                 self._site_order.setdefault(EARLIER_SITE, -1)
             return True
         if not shared:
@@ -412,6 +423,7 @@ class SharedUseTracker:
         if grad is not None:  # gradient from before: one earlier site if we know it, else <earlier>
             earlier = state.single_sites[0] if len(state.single_sites) == 1 else EARLIER_SITE
             state.buffers[earlier] = _buffer_like(grad, grad)
+            state.owned.add(earlier)
             self._site_order.setdefault(earlier, -1)
         state.single_sites = []
         return True
@@ -428,11 +440,19 @@ class SharedUseTracker:
                     break
             if grad is None:
                 continue
-            buffers = self._states[use.pid].buffers
-            if site in buffers:
-                _accumulate(buffers[site], grad)
-            else:
-                buffers[site] = _buffer_like(grad, self._param_of[use.pid])
+            state = self._states[use.pid]
+            held = state.buffers.get(site)
+            if held is None:
+                # Keep autograd's own tensor, no copy: autograd sees our reference (its use count)
+                # and neither steals it for `.grad` nor accumulates into it in place.
+                state.buffers[site] = _held(grad, self._param_of[use.pid])
+            elif site in state.owned:
+                held.add_(grad.to_dense() if grad.is_sparse else grad)
+            else:  # a second micro-batch: from now on an accumulation buffer of our own
+                state.buffers[site] = _buffer_like(held, self._param_of[use.pid]).add_(
+                    grad.to_dense() if grad.is_sparse else grad
+                )
+                state.owned.add(site)
 
 def _tensors(obj: Any) -> list[Tensor]:
     if isinstance(obj, Tensor):
@@ -442,26 +462,38 @@ def _tensors(obj: Any) -> list[Tensor]:
     return []
 
 
-def _walk(roots: list[Node], accumulators: dict[Node, int]) -> tuple[dict[Node, list[tuple[Node, int]]], set[str]]:
-    """Every edge of the graph below ``roots``, as ``{node: [(consumer, slot), ...]}``; and opaque node kinds."""
+def _walk(
+    roots: list[Node], tracked: set[int]
+) -> tuple[dict[Node, list[tuple[Node, int]]], dict[Node, int], set[str]]:
+    """Every edge below ``roots`` as ``{node: [(consumer, slot), ...]}``, the accumulators of the
+    ``tracked`` parameters (``{AccumulateGrad node: id(parameter)}``), and the opaque node kinds seen."""
     incoming: dict[Node, list[tuple[Node, int]]] = {}
+    accumulators: dict[Node, int] = {}
     opaque: set[str] = set()
     seen = set(roots)
     stack = list(roots)
     while stack:
         node = stack.pop()
-        kind = type(node).__name__
-        if kind in _OPAQUE_NODES:
-            opaque.add(kind)
         for slot, (nxt, _) in enumerate(node.next_functions):
             if nxt is None:
                 continue
             incoming.setdefault(nxt, []).append((node, slot))
-            if nxt not in seen:
-                seen.add(nxt)
-                if nxt not in accumulators:
-                    stack.append(nxt)
-    return incoming, opaque
+            if nxt in seen:
+                continue
+            seen.add(nxt)
+            kind = type(nxt).__name__
+            if kind == "AccumulateGrad":  # a leaf: its `variable` is the parameter
+                pid = id(nxt.variable)
+                if pid in tracked:
+                    accumulators[nxt] = pid
+                continue
+            if kind in _OPAQUE_NODES:
+                opaque.add(kind)
+            stack.append(nxt)
+    for root in roots:
+        if type(root).__name__ in _OPAQUE_NODES:
+            opaque.add(type(root).__name__)
+    return incoming, accumulators, opaque
 
 
 def _split(
@@ -509,10 +541,9 @@ def _buffer_like(grad: Tensor, param: Tensor) -> Tensor:
     return grad.detach().to(dtype, copy=True)
 
 
-def _accumulate(buffer: Tensor, grad: Tensor) -> None:
-    if grad.is_sparse:
-        grad = grad.to_dense()
-    buffer.add_(grad)
+def _held(grad: Tensor, param: Tensor) -> Tensor:
+    """The first contribution of a use, as autograd made it (read-only for us), densified if sparse."""
+    return grad.to_dense() if grad.is_sparse else grad.detach()
 
 
 def _sequential_parent(paths: list[str], modules_at: dict[str, nn.Module]) -> int | None:

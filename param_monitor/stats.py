@@ -89,7 +89,8 @@ class StatsLayout:
     weight_numels: list[int]
     grad_names: list[str]
     # per shared parameter: (name, site names); the vector holds, for each: the sites' sums of
-    # squares, the pairwise dot products (i < j), and the sum of squares of (Σ sites − grad).
+    # squares, that of their sum, the pairwise dot products (i < j) when there are more than two
+    # sites, and the sum of squares of (Σ sites − grad).
     shared: list[tuple[str, list[str]]] = field(default_factory=list)
     # weights without a mean (complex values)
     no_mean: frozenset[str] = frozenset()
@@ -105,9 +106,9 @@ class StatsLayout:
             Segment("grad_sq", len(g), Reduction.PER_TENSOR, g),
             Segment("dead_rows", len(self.dead_units), Reduction.PER_TENSOR, tuple(n for n, _ in self.dead_units)),
         ]
-        for name, sites in self.shared:
+        for name, sites in self.shared:  # [‖c_i‖², ‖Σc‖², dots if m > 2, ‖Σc − g‖²]
             m = len(sites)
-            segs.append(Segment(f"shared:{name}", m + m * (m - 1) // 2 + 1, Reduction.REPLICATED))
+            segs.append(Segment(f"shared:{name}", m + 1 + _pair_count(m) + 1, Reduction.REPLICATED))
         return segs
 
     @property
@@ -153,6 +154,14 @@ def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     return out  # type: ignore[return-value]
 
 
+def _stack_double(scalars: Sequence[Tensor]) -> Tensor:
+    """One float64 vector of 0-dim results: one stack per dtype, not one conversion per scalar."""
+    first = scalars[0]
+    if all(s.dtype == first.dtype and s.device == first.device for s in scalars):
+        return torch.stack(list(scalars)).double()
+    return torch.stack([s.to(first.device, torch.float64) for s in scalars])  # mixed dtypes or devices
+
+
 def _sum(t: Tensor) -> Tensor:
     if t.is_complex():
         return t.new_zeros((), dtype=torch.float64)  # no mean for complex values (StatsLayout.no_mean)
@@ -168,22 +177,20 @@ def partial_sums(
 ) -> Tensor:
     """Pack every additive partial sum into one float64 vector on the tensors' device.
 
-    ``shared`` holds, per shared parameter, its gradient and the buffers of its uses'
-    contributions. The buffers are CONSUMED: the first one is overwritten with Σ uses − grad,
-    so that the check costs no extra memory.  ``grad_scale`` (a device scalar) multiplies every
+    ``shared`` holds, per shared parameter, its gradient and its uses' contributions (read only).
+    ``grad_scale`` (a device scalar) multiplies every
     gradient-derived sum of squares, e.g. ``1/scale**2`` when gradients are still scaled by AMP.
     ``dead_unit_grads``: gradients whose rows (output units) that are all zero are counted.
     """
     pieces: list[Tensor] = []
     norms = _norms([*weights, *grads])
     if norms:
-        device = norms[0].device
-        sq = torch.stack([n.to(device, torch.float64) for n in norms]).square()
+        sq = _stack_double(norms).square()
         w_sq, g_sq = sq[: len(weights)], sq[len(weights) :]
         if grad_scale is not None:
             g_sq = g_sq * grad_scale
-        w_sum = [_sum(w).to(device, torch.float64) for w in weights]
-        pieces += [w_sq, torch.stack(w_sum) if w_sum else w_sq.new_zeros(0), g_sq]
+        w_sum = _stack_double([_sum(w) for w in weights]) if weights else w_sq.new_zeros(0)
+        pieces += [w_sq, w_sum, g_sq]
     if dead_unit_grads:
         pieces.append(torch.stack([_dead_rows(g) for g in dead_unit_grads]).double())
     for grad, uses in shared:
@@ -199,20 +206,34 @@ def _dead_rows(grad: Tensor) -> Tensor:
     return (grad.reshape(grad.shape[0], -1) == 0).all(dim=1).sum()
 
 
+def _pair_count(m: int) -> int:
+    """Pairwise dot products stored for ``m`` uses: none for two (their dot follows from ‖a+b‖²)."""
+    return 0 if m <= 2 else m * (m - 1) // 2
+
+
 def _shared_partial_sums(grad: Tensor, uses: Sequence[Tensor], grad_scale: Tensor | None) -> Tensor:
-    use_sq = torch.stack([n.to(torch.float64) for n in _norms(uses)]).square()
+    """[‖c_i‖² (m), ‖S‖², <c_i, c_j> (i<j, only for m > 2), ‖S − grad‖²], S = Σ c_i.
+
+    The uses are read, never written (they may be autograd's own tensors). For two uses, the
+    usual case, <a, b> = (‖S‖² − ‖a‖² − ‖b‖²) / 2 saves a pass over both.
+    """
+    uses = [u.to_dense() if u.is_sparse else u for u in uses]
+    total = uses[0]
+    if len(uses) > 1:
+        total = uses[0] + uses[1]
+        for other in uses[2:]:
+            total.add_(other)
+    sq = _stack_double(_norms([*uses, total])).square()
     dots = [
         torch.vdot(uses[i].reshape(-1), uses[j].reshape(-1)).real.double()
         for i in range(len(uses))
         for j in range(i + 1, len(uses))
-    ]
-    # Σ uses − grad, in place in the first buffer: the sum is the monitor's own, not autograd's.
-    residual = uses[0]
-    for other in uses[1:]:
-        residual.add_(other)
-    residual.sub_(grad.to_dense() if grad.is_sparse else grad)
+    ] if len(uses) > 2 else []
+    # Σ uses − grad: the sum is the monitor's own, not autograd's
+    dense_grad = grad.to_dense() if grad.is_sparse else grad
+    residual = total.sub_(dense_grad) if len(uses) > 1 else torch.sub(total, dense_grad)
     err_sq = _norms([residual])[0].to(torch.float64).square().reshape(1)
-    out = torch.cat([use_sq, torch.stack(dots) if dots else use_sq.new_zeros(0), err_sq])
+    out = torch.cat([sq, torch.stack(dots) if dots else sq.new_zeros(0), err_sq])
     return out * grad_scale if grad_scale is not None else out
 
 
@@ -285,17 +306,18 @@ def _group_sums(names: Sequence[str], depth: int, *columns: Sequence[float]) -> 
 
 def _finalize_shared(name: str, sites: list[str], it: Iterator[float], grad_norm: float) -> dict[str, float]:
     m = len(sites)
-    norms = [math.sqrt(next(it)) for _ in range(m)]
+    sq = [next(it) for _ in range(m)]
+    total_sq = next(it)
     pairs = [(i, j) for i in range(m) for j in range(i + 1, m)]
-    dots = [next(it) for _ in pairs]
-    cosines = [
-        dot / (norms[i] * norms[j]) for (i, j), dot in zip(pairs, dots, strict=True) if norms[i] > 0 and norms[j] > 0
-    ]
-    err = math.sqrt(next(it))
+    dots = [next(it) for _ in range(_pair_count(m))]
+    if m == 2:
+        dots = [(total_sq - sq[0] - sq[1]) / 2]
+    err = math.sqrt(max(next(it), 0.0))
+    norms = [math.sqrt(v) for v in sq]
     out = {f"{SHARED_GRAD}/{name}/{site}": norm for site, norm in zip(sites, norms, strict=True)}
     # share_i = <c_i, S> / ||S||^2 with S = sum of the seen uses: <c_i, S> = ||c_i||^2 + sum_j dot_ij,
     # so the shares add up to exactly 1 (negative: a use pulling against the others).
-    along = [norms[i] ** 2 for i in range(m)]
+    along = list(sq)
     for (i, j), dot in zip(pairs, dots, strict=True):
         along[i] += dot
         along[j] += dot
@@ -303,6 +325,9 @@ def _finalize_shared(name: str, sites: list[str], it: Iterator[float], grad_norm
     for site, value in zip(sites, along, strict=True):
         out[f"{SHARED_GRAD_SHARE}/{name}/{site}"] = value / total if total > 0 else math.nan
     out[f"{SHARED_GRAD_ERROR}/{name}"] = err / grad_norm if grad_norm > 0 else (0.0 if err == 0 else math.inf)
+    cosines = [
+        dot / (norms[i] * norms[j]) for (i, j), dot in zip(pairs, dots, strict=True) if norms[i] > 0 and norms[j] > 0
+    ]
     out[f"{SHARED_GRAD_COSINE}/{name}"] = sum(cosines) / len(cosines) if cosines else math.nan
     return out
 

@@ -148,7 +148,7 @@ class ParameterWatcher:
         group: distributed.ProcessGroup | None = None,
         names: set[str] | None = None,
     ) -> tuple[Tensor, StatsLayout]:
-        """Partial sums on the device (consumes the contribution buffers).
+        """Partial sums on the device (the contribution buffers are handed over, never written).
 
         ``contribution_scale`` multiplies the contributions first (e.g. AMP's ``1/scale`` when
         the optimizer's gradients were already unscaled but the hooks saw scaled ones). With
@@ -163,12 +163,15 @@ class ParameterWatcher:
             contributions = {n: sites for n, sites in contributions.items() if n in names}
         if self.tracker is not None:
             self.tracker.discard(contributions)  # consumed below: later uses start new buffers
-        buffers = [buf for sites in contributions.values() for buf in sites.values()]
+        keys = [(n, site) for n, sites in contributions.items() for site in sites]
+        buffers = [contributions[n][site] for n, site in keys]
         if contribution_scale is not None:
-            for buf in buffers:
-                buf.mul_(contribution_scale)
-        distributed.average_contributions(buffers, group)
-        return pack(named_params, contributions, grad_scale, self._dead_unit_names)
+            buffers = [buf * contribution_scale for buf in buffers]
+        buffers = distributed.average_contributions(buffers, group)
+        scaled: dict[str, dict[str, Tensor]] = {}
+        for (n, site), buf in zip(keys, buffers, strict=True):
+            scaled.setdefault(n, {})[site] = buf
+        return pack(named_params, scaled, grad_scale, self._dead_unit_names)
 
     def reduce(self, packed: Tensor, layout: StatsLayout, group: distributed.ProcessGroup | None) -> Tensor:
         """Sum the shards' partial sums over ``group`` (one collective; none unless parameters are sharded).
