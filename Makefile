@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup data experiment test test-fast lint bench clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins this machine's builds (local files); pyproject.toml only declares ranges.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,experiment]'
 	touch $(STAMP)
 
 setup: $(STAMP) data
@@ -20,7 +21,7 @@ data:
 	@bash scripts/install_system_packages.sh
 
 experiment: setup
-	$(PY) experiments/shared_mlp.py
+	$(PY) -m experiments.shared_mlp
 
 test: setup
 	$(PY) -m ruff check .

@@ -5,7 +5,7 @@ cores).
 
 1. **plain**: ``experiments.plain`` (load the tensors, 10 epochs of SGD, validation after each epoch);
 2. **lightning**: the experiment's LightningCLI run with no callbacks (``--trainer.callbacks=[]``);
-3. **lightning+monitor**: the default run, with ``ParameterMonitor()`` (default arguments).
+3. **lightning+monitor**: the default run, with its ``ParameterMonitor`` (update ratio and dead units on).
 
 Both Lightning runs keep the default TensorBoardLogger (into a temp dir) and checkpointing; the progress
 bar and model summary are off (``--progress-bar`` keeps the bar). Each time covers CLI parsing, data

@@ -54,7 +54,13 @@ class ExperimentCLI(LightningCLI):
                 # false` works without naming the class first.
                 "model.model": {"class_path": "experiments.models.SharedMLP"},
                 # A class_path string (not an instance) keeps param_monitor's import lazy, until parsing.
-                "trainer.callbacks": [{"class_path": "param_monitor.ParameterMonitor"}],
+                # both diagnostics on: they are what explains a failed run (README, docs/failed_run_*.png)
+                "trainer.callbacks": [
+                    {
+                        "class_path": "param_monitor.ParameterMonitor",
+                        "init_args": {"log_update_ratio": True, "log_dead_units": True},
+                    }
+                ],
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": LOG_SAVE_DIR, "name": LOG_NAME},

@@ -163,13 +163,10 @@ class FashionMNISTDataModule(LightningDataModule):
     ``seed_everything`` (LightningCLI's ``--seed_everything``) fixes the order too.
     """
 
-    def __init__(self, data_dir: str = "data", batch_size: int = 256, num_workers: int = 0) -> None:
+    def __init__(self, data_dir: str = "data", batch_size: int = 256) -> None:
         super().__init__()
         self.data_dir = data_dir
         self.batch_size = batch_size
-        # Kept for the CLI and config compatibility with DataLoader-based modules; in-memory batching
-        # has nothing for workers to do (worker processes would only copy the tensors).
-        self.num_workers = num_workers
         self.train_x: torch.Tensor | None = None
         self.train_y: torch.Tensor | None = None
         self.val_x: torch.Tensor | None = None

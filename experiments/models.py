@@ -74,3 +74,17 @@ def materialize(module: nn.Module, input_shape: tuple[int, ...] = IMAGE_SHAPE) -
 def count_parameters(module: nn.Module) -> int:
     """Unique parameter count: ``parameters()`` yields a shared tensor once, however often it is used."""
     return sum(p.numel() for p in module.parameters())
+
+
+def materialize_seeded(model: nn.Module, init_seed: int | None = None) -> nn.Module:
+    """Initialize ``model``'s lazy layers, from the global RNG or, with ``init_seed``, from that seed alone.
+
+    ``init_seed`` draws the weights exactly as ``torch.manual_seed(init_seed)`` right before building
+    the network would (building lazy layers draws nothing; the first forward draws the weights in layer
+    order), inside ``fork_rng`` so that the global stream (data order, dropout) is left as it was.
+    """
+    if init_seed is None:
+        return materialize(model, IMAGE_SHAPE)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        return materialize(model, IMAGE_SHAPE)

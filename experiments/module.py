@@ -7,7 +7,7 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torch.nn import functional as F
 
-from experiments.models import IMAGE_SHAPE, SharedMLP, count_parameters, materialize
+from experiments.models import SharedMLP, count_parameters, materialize_seeded
 
 
 class Classifier(LightningModule):
@@ -15,9 +15,10 @@ class Classifier(LightningModule):
 
     Taking the network as an ``nn.Module`` argument maps onto LightningCLI as
     ``--model.model.class_path experiments.models.SharedMLP --model.model.init_args.tied false``.
+    ``init_seed`` (``--model.init_seed 7``) takes the initial weights apart from ``--seed_everything``.
     """
 
-    def __init__(self, model: nn.Module | None = None, lr: float = 0.1) -> None:
+    def __init__(self, model: nn.Module | None = None, lr: float = 0.1, init_seed: int | None = None) -> None:
         super().__init__()
         # The network's own config is in the CLI's config.yaml; saving the module object here would only
         # duplicate it (and Lightning warns about nn.Module hyperparameters).
@@ -25,10 +26,15 @@ class Classifier(LightningModule):
         # None (not a default instance): every Classifier gets its own fresh network.
         self.model = model if model is not None else SharedMLP()
         self.lr = lr
+        self.init_seed = init_seed
 
     def setup(self, stage: str) -> None:
-        """Materialize the lazy layers before ``configure_optimizers`` sees the parameters."""
-        materialize(self.model, IMAGE_SHAPE)
+        """Materialize the lazy layers before ``configure_optimizers`` sees the parameters.
+
+        With ``init_seed`` the initial weights come from ``torch.manual_seed(init_seed)`` alone, apart
+        from the data order (``seed_everything``); see :func:`materialize_seeded`.
+        """
+        materialize_seeded(self.model, self.init_seed)
         # save_hyperparameters (not hparams[...] = ...) also updates hparams_initial, which is what the
         # Trainer hands to the logger, after the setup hooks.
         self.save_hyperparameters({**self.hparams, "num_parameters": count_parameters(self.model)})

@@ -1,6 +1,6 @@
 """Exercise 1: the parameters of D2L's ``NestMLP`` (and, for contrast, the shared MLP's tied ones).
 
-    python experiments/param_table.py
+    python -m experiments.param_table
 
 Lazy layers have no parameters until the first forward pass, so a dummy batch shaped like the
 textbook's (``torch.rand(2, 20)``) materializes them first.
@@ -8,17 +8,12 @@ textbook's (``torch.rand(2, 20)``) materializes them first.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import torch
+from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, when run as a script
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from experiments.models import IMAGE_SHAPE, NestMLP, SharedMLP, materialize  # noqa: E402
-from param_monitor.sharing import SharedUseTracker  # noqa: E402
-from param_monitor.table import format_markdown, parameter_table  # noqa: E402
+from experiments.models import IMAGE_SHAPE, NestMLP, SharedMLP, materialize
+from param_monitor.sharing import SharedUseTracker
+from param_monitor.table import format_markdown, parameter_table
 
 #: The textbook's input for NestMLP: a batch of 20 features.
 NEST_INPUT_SHAPE = (20,)

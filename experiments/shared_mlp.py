@@ -1,8 +1,8 @@
 """Train the shared-layer MLP on FashionMNIST with ParameterMonitor (D2L 6.2, exercise 2).
 
-    python experiments/shared_mlp.py                                  # the textbook's default run
-    python experiments/shared_mlp.py --config configs/untied_mlp.yaml --trainer.max_epochs 2
-    python experiments/shared_mlp.py fit --data.data_dir /tmp/data    # explicit subcommand also works
+    python -m experiments.shared_mlp                                  # the textbook's default run
+    python -m experiments.shared_mlp --config configs/untied_mlp.yaml --trainer.max_epochs 2
+    python -m experiments.shared_mlp fit --data.data_dir /tmp/data    # explicit subcommand also works
 
 With no subcommand it fits. Afterwards it prints the final validation accuracy, the tied/untied
 parameter counts, the path of ``summary.png`` (a plot of the run's TensorBoard scalars) and the
@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-# Run as a script, only experiments/ is on sys.path; the repo root holds `experiments` and `param_monitor`.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from experiments.cli import SUBCOMMANDS, RunResult, build_cli, train  # noqa: E402
-from experiments.models import SharedMLP, count_parameters, materialize  # noqa: E402
-from experiments.plots import plot_summary  # noqa: E402
+from experiments.cli import SUBCOMMANDS, RunResult, build_cli, train
+from experiments.models import SharedMLP, count_parameters, materialize
+from experiments.plots import plot_summary
 
 
 def tied_untied_counts(model: SharedMLP) -> tuple[int, int]:
@@ -41,7 +37,7 @@ def report(result: RunResult) -> None:
         print(
             f"this run is {'tied' if net.tied else 'untied'}; this network has {tied} unique parameters tied,"
             f" {untied} untied ({untied - tied} more).\n"
-            "accuracy of both, same seed: python experiments/compare_tied.py"
+            "accuracy of both over seeds: python -m experiments.seeds --variants tied untied"
         )
     if result.log_dir is not None:
         print(f"summary plot: {plot_summary(result.log_dir)}")

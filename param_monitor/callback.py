@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 from param_monitor import _lightning, distributed, stats, tags
 from param_monitor.nonfinite import NonFiniteGradientError, NonFinitePolicy, NonFiniteReport
 from param_monitor.table import format_markdown, parameter_table
+from param_monitor.update_ratio import UpdateRatio
 from param_monitor.watcher import ParameterWatcher
 from param_monitor.writers import write_scalars
 
@@ -59,6 +60,11 @@ class ParameterMonitor(Callback):
     ``shared_grad_error/{name}``      ``‖Σ_sites contribution − grad‖ / ‖grad‖`` (≈1e-7 when every
                                       use is seen)
     ``shared_grad_cosine/{name}``     mean pairwise cosine between the uses' contributions
+    ``update_ratio/{name}``           ``‖w_after − w_before‖ / ‖w_before‖`` of the optimizer step the
+                                      logging step takes (``log_update_ratio=True``; per module with
+                                      ``aggregate_depth``); nothing for a step GradScaler skips
+    ``dead_units/{name}``             Linear/Conv weights: fraction of output units (rows) whose
+                                      gradient row is exactly zero on this batch (``log_dead_units=True``)
     ================================  ===============================================================
 
     With ``aggregate_depth=k`` the ``weight_*`` and ``grad_norm`` keys name MODULES instead of
@@ -102,6 +108,9 @@ class ParameterMonitor(Callback):
         exclude: glob patterns of parameter names to leave out (same type as ``include``).
         aggregate_depth: report ``weight_*``/``grad_norm`` per module at this depth (see above)
             instead of per tensor: tens of tags instead of thousands (default: per tensor).
+        log_update_ratio: log ``update_ratio/{name}``; copies the weights on logging steps only
+            (one fused copy, freed after the step).
+        log_dead_units: log ``dead_units/{name}`` (a per-batch measure: units silent for this batch).
     """
 
     def __init__(
@@ -115,6 +124,8 @@ class ParameterMonitor(Callback):
         include: Collection[str] | None = None,
         exclude: Collection[str] | None = None,
         aggregate_depth: int | None = None,
+        log_update_ratio: bool = False,
+        log_dead_units: bool = False,
     ) -> None:
         _check_int("log_every_n_steps", log_every_n_steps, 1, "a positive int or None (the Trainer's)")
         _check_int("histogram_every_n_steps", histogram_every_n_steps, 0, "an int >= 0 (0 disables)", optional=False)
@@ -124,6 +135,8 @@ class ParameterMonitor(Callback):
             ("log_summary", log_summary),
             ("check_finite_every_step", check_finite_every_step),
             ("raise_on_nonfinite", raise_on_nonfinite),
+            ("log_update_ratio", log_update_ratio),
+            ("log_dead_units", log_dead_units),
         ):
             if not isinstance(flag, bool):
                 raise MisconfigurationException(f"`{arg}` must be True or False, got {flag!r}.")
@@ -136,6 +149,8 @@ class ParameterMonitor(Callback):
         self.include = _patterns("include", include)
         self.exclude = _patterns("exclude", exclude)
         self.aggregate_depth = aggregate_depth
+        self.log_update_ratio = log_update_ratio
+        self.log_dead_units = log_dead_units
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
@@ -156,11 +171,13 @@ class ParameterMonitor(Callback):
         self._stepped_in_batch = False
         self._unstepped_batches = 0
         self._accumulated_before = False
+        self._update_ratio = UpdateRatio(self.aggregate_depth) if self.log_update_ratio else None
 
     # -- pickling (ddp_spawn): hooks and module references are not state -----------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_watcher"] = None
+        state["_update_ratio"] = None
         return state
 
     # -- set-up ---------------------------------------------------------------------------
@@ -199,6 +216,7 @@ class ParameterMonitor(Callback):
             include=self.include,
             exclude=self.exclude,
             aggregate_depth=self.aggregate_depth,
+            dead_units=self.log_dead_units,
         )
         self._signature = _signature(pl_module)
 
@@ -296,6 +314,8 @@ class ParameterMonitor(Callback):
             self._write_histograms(trainer, watcher, optimizer, names, step)
         if not logs:
             return
+        if self._update_ratio is not None:  # its values are written by the optimizer's step, if it runs
+            self._update_ratio.arm(optimizer, watcher.named_params, lambda m: self._write_scalars(trainer, m, step))
         metrics = self._compute(trainer, watcher, optimizer, names if several else None, step)
         if several:  # one total per optimizer: their steps see different gradients
             index = [id(o) for o in trainer.optimizers].index(id(optimizer))
@@ -337,6 +357,8 @@ class ParameterMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._update_ratio is not None:  # a copy whose step did not run (skipped by GradScaler)
+            self._update_ratio.release()
         watcher = self._watcher
         if watcher is None:
             return
@@ -349,6 +371,8 @@ class ParameterMonitor(Callback):
             self._logging_step = None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._update_ratio is not None:
+            self._update_ratio.release()
         if self._watcher is not None:
             self._watcher.end_step()
             self._read_pending_nonfinite(trainer)  # a NaN after the last logging step
@@ -486,7 +510,9 @@ class ParameterMonitor(Callback):
         shared = {n: s for n, s in call_sites.items() if n in shared_names}
         for logger in self._tensorboard_loggers(trainer):
             logger.experiment.add_text(tags.SUMMARY_TAG, table, global_step=step)
-            _write_layout(logger.experiment, shared, _lightning.logger_prefix(logger))
+            _write_layout(
+                logger.experiment, shared, _lightning.logger_prefix(logger), self.log_update_ratio, self.log_dead_units
+            )
         self._summary_pending = False
 
     def _write_histograms(
@@ -525,10 +551,12 @@ class ParameterMonitor(Callback):
                     writer.add_histogram(tag, value, step)
 
 
-def _write_layout(writer: Any, shared_sites: dict[str, list[str]], prefix: str) -> None:
+def _write_layout(
+    writer: Any, shared_sites: dict[str, list[str]], prefix: str, update_ratio: bool = False, dead_units: bool = False
+) -> None:
     from param_monitor.dashboard import custom_scalars_layout, write_layout
 
-    layout = custom_scalars_layout(shared_sites)
+    layout = custom_scalars_layout(shared_sites, update_ratio=update_ratio, dead_units=dead_units)
     if prefix:  # the charts' regexes must match the prefixed scalar names
         for category in layout.category:
             for chart in category.chart:

@@ -45,6 +45,12 @@ MODEL_CHARTS: tuple[tuple[str, str], ...] = (
     ("weight means", r"^weight_mean/.*$"),
 )
 
+# Opt-in diagnostics (``log_update_ratio``, ``log_dead_units``), drawn after the gradient norms.
+# A custom-scalars chart cannot draw a constant guide line (a margin chart needs logged tags), so
+# the rule of thumb for the update ratio is in the title.
+UPDATE_RATIO_CHART = ("update ratio ‖Δw‖/‖w‖ per step (rule of thumb: about 1e-3)", r"^update_ratio/.*$")
+DEAD_UNITS_CHART = ("dead units: fraction of rows with an all-zero gradient (1.0: layer dead)", r"^dead_units/.*$")
+
 # Charts that only make sense when some parameter is shared.  Error and cosine get a
 # chart each because their healthy values (about 0 and about 1) differ in scale.
 SHARED_CHECK_CHARTS: tuple[tuple[str, str], ...] = (
@@ -79,7 +85,12 @@ def _multiline(title: str, regex: str) -> layout_pb2.Chart:
     return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=[regex]))
 
 
-def custom_scalars_layout(shared_sites: Mapping[str, Sequence[str]], title: str = "param_monitor") -> layout_pb2.Layout:
+def custom_scalars_layout(
+    shared_sites: Mapping[str, Sequence[str]],
+    title: str = "param_monitor",
+    update_ratio: bool = False,
+    dead_units: bool = False,
+) -> layout_pb2.Layout:
     """Build the custom-scalars layout: one category ``title`` with multi-line charts.
 
     ``shared_sites`` maps each shared parameter's name to the module paths that use it
@@ -89,13 +100,18 @@ def custom_scalars_layout(shared_sites: Mapping[str, Sequence[str]], title: str 
     The shared parameters' charts come first, as they are what this project adds and
     what the top of the page should show; the two checks of the split (error, cosine)
     come last, flat lines unless something is wrong.  With no shared parameters, only
-    the model charts remain.
+    the model charts remain. ``update_ratio``/``dead_units`` (the callback's opt-in flags) add
+    their charts right after the gradient norms.
 
     >>> [c.title for c in custom_scalars_layout({}, title="mlp").category[0].chart]
     ['gradient norms', 'weight norms', 'weight means']
+    >>> [c.title[:12] for c in custom_scalars_layout({}, update_ratio=True, dead_units=True).category[0].chart]
+    ['gradient nor', 'update ratio', 'dead units: ', 'weight norms', 'weight means']
     """
     charts = [_multiline(name, shared_parameter_regex(name)) for name in shared_sites]
-    charts += [_multiline(chart_title, regex) for chart_title, regex in MODEL_CHARTS]
+    model = list(MODEL_CHARTS)
+    model[1:1] = [c for c, on in ((UPDATE_RATIO_CHART, update_ratio), (DEAD_UNITS_CHART, dead_units)) if on]
+    charts += [_multiline(chart_title, regex) for chart_title, regex in model]
     if shared_sites:
         charts += [_multiline(chart_title, regex) for chart_title, regex in SHARED_CHECK_CHARTS]
     return layout_pb2.Layout(category=[layout_pb2.Category(title=title, chart=charts)])

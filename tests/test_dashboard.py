@@ -174,3 +174,14 @@ def test_dashboard_module_does_not_import_lightning() -> None:
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not [name for name in imported if name.split(".")[0] in ("lightning", "pytorch_lightning")]
+
+
+def test_update_ratio_and_dead_units_charts_follow_the_gradient_norms() -> None:
+    from param_monitor.dashboard import DEAD_UNITS_CHART, UPDATE_RATIO_CHART
+
+    charts = charts_by_title(custom_scalars_layout({}, update_ratio=True, dead_units=True))
+    expected = ["gradient norms", UPDATE_RATIO_CHART[0], DEAD_UNITS_CHART[0], "weight norms", "weight means"]
+    assert list(charts) == expected
+    tags = [*TAGS, "update_ratio/model.net.0.weight", "dead_units/model.net.0.weight", "update_ratio_x"]
+    assert matching(charts[UPDATE_RATIO_CHART[0]], tags) == ["update_ratio/model.net.0.weight"]
+    assert matching(charts[DEAD_UNITS_CHART[0]], tags) == ["dead_units/model.net.0.weight"]

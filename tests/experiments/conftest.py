@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+# `experiments` is not an installed package: pyproject's `pythonpath = ["."]` puts the root on sys.path.
+from exp_fake_data import FakeFashionMNIST, write_fake_fashion_mnist
+
+from experiments.data import SYSTEM_DIR_ENV
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# `experiments` is not an installed package: plain `pytest` (unlike `python -m pytest`) needs the root.
-sys.path.insert(0, str(REPO_ROOT))
-
-from exp_fake_data import FakeFashionMNIST, write_fake_fashion_mnist  # noqa: E402
-
-from experiments.data import SYSTEM_DIR_ENV  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import torch
 from exp_fake_data import FakeFashionMNIST
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from experiments import compare_tied, multi_seed, param_table, shared_mlp
+from experiments import param_table, seeds, shared_mlp
 from experiments.cli import QUIET_TRAINER_ARGS, build_cli, with_subcommand
 from experiments.data import RAW_FILES, SYSTEM_DIR, SYSTEM_DIR_ENV, raw_dir
 from experiments.models import SharedMLP
@@ -37,7 +37,23 @@ def test_with_subcommand() -> None:
 
 
 def test_configs_exist() -> None:
-    assert {p.name for p in CONFIGS} >= {"shared_mlp.yaml", "untied_mlp.yaml", "quick.yaml"}
+    assert {p.name for p in CONFIGS} >= {"shared_mlp.yaml", "untied_mlp.yaml", "quick.yaml", "failed_init.yaml"}
+
+
+def test_overlays_state_only_what_differs_and_stack(in_tmp_cwd: Path) -> None:
+    """An overlay alone applies to the defaults; after shared_mlp.yaml it gives the same run."""
+    base = str(REPO_ROOT / "configs/shared_mlp.yaml")
+    for overlay in ("untied_mlp.yaml", "quick.yaml", "failed_init.yaml"):
+        text = (REPO_ROOT / "configs" / overlay).read_text()
+        assert len([line for line in text.splitlines() if line and not line.startswith("#")]) <= 10, overlay
+        alone = build_cli(["--config", str(REPO_ROOT / "configs" / overlay)], run=False).config
+        stacked = build_cli(["--config", base, "--config", str(REPO_ROOT / "configs" / overlay)], run=False).config
+        for key in ("trainer.max_epochs", "trainer.limit_train_batches", "model.init_seed", "seed_everything"):
+            assert alone[key] == stacked[key], (overlay, key)
+        assert alone["model.model.init_args.tied"] == stacked["model.model.init_args.tied"]
+    stack = [base, str(REPO_ROOT / "configs/untied_mlp.yaml"), str(REPO_ROOT / "configs/quick.yaml")]
+    cli = build_cli([arg for path in stack for arg in ("--config", path)], run=False)
+    assert not cli.model.model.tied and cli.trainer.limit_train_batches == 100 and cli.trainer.logger.name == "quick"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -48,7 +64,9 @@ def test_config_parses_and_instantiates(config: Path, in_tmp_cwd: Path) -> None:
     assert isinstance(net, SharedMLP) and net.num_hiddens == 8 and net.num_shared_uses == 2
     assert (net.net[3] is net.net[6]) == (config.name != "untied_mlp.yaml")
     assert cli.model.lr == 0.1 and cli.datamodule.batch_size == 256
-    assert any(isinstance(cb, ParameterMonitor) for cb in cli.trainer.callbacks)
+    assert cli.model.init_seed == (7 if config.name == "failed_init.yaml" else None)
+    (monitor,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ParameterMonitor)]
+    assert monitor.log_update_ratio and monitor.log_dead_units  # the diagnostics of a failed run
     assert cli.trainer.logger.save_dir == "lightning_logs"
     if config.name == "quick.yaml":
         assert (cli.trainer.max_epochs, cli.trainer.limit_train_batches) == (1, 100)
@@ -62,7 +80,8 @@ def test_defaults_are_the_textbook_run(in_tmp_cwd: Path) -> None:
     cli = build_cli([], run=False)
     assert cli.config["seed_everything"] == 0 and cli.trainer.max_epochs == 10
     assert cli.trainer.logger.name == "shared_mlp" and cli.trainer.logger.save_dir == "lightning_logs"
-    assert [type(cb) for cb in cli.trainer.callbacks if isinstance(cb, ParameterMonitor)] == [ParameterMonitor]
+    (monitor,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ParameterMonitor)]
+    assert monitor.log_update_ratio and monitor.log_dead_units
     assert cli.trainer.progress_bar_callback is not None
     assert isinstance(cli.model.model, SharedMLP) and cli.model.model.tied and cli.model.lr == 0.1
     assert cli.config["torch_threads"] == 1 and torch.get_num_threads() == 1
@@ -101,6 +120,7 @@ def test_end_to_end_fake_data(
         "grad_norm_total",
     } <= logged
     assert {f"shared_grad/{name}/model.net.3", f"shared_grad/{name}/model.net.6"} <= logged
+    assert {f"update_ratio/{name}", f"dead_units/{name}", "dead_units/model.net.1.weight"} <= logged
     assert {"num_parameters"} <= logged and "num_parameters: 6442" in (result.log_dir / "hparams.yaml").read_text()
     assert (result.log_dir / "summary.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
@@ -119,26 +139,68 @@ def test_fit_subcommand_and_untied(fake_system_env: FakeFashionMNIST, in_tmp_cwd
     assert not any(t.startswith("shared_grad/") for t in logged)  # and nothing is shared
 
 
-def test_multi_seed_and_compare_tied(
+def test_seeds_runner_variants_and_both_loops(
     fake_system_env: FakeFashionMNIST, in_tmp_cwd: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    summary = multi_seed.main(["--seeds", "2", "--first-seed", "5", "--trainer.max_steps=2", *SMALL])
-    assert summary.n == 2 and 0.0 <= summary.minimum <= summary.median <= summary.maximum <= 1.0
+    """Variants x seeds x loops from one runner; the plain twin reads the same parsed configuration."""
+    args = ["--seeds", "2", "--first-seed", "5", "--variants", "tied", "untied", "--loops", "lightning", "plain"]
+    runs = seeds.main([*args, "--trainer.max_epochs=1", f"--data.data_dir={in_tmp_cwd / 'data'}", *SMALL])
+    assert runs.seeds == [5, 6]
+    assert runs.num_parameters == {"tied": 6442, "untied": 6514}
+    assert set(runs.accs) == {(v, loop) for v in ("tied", "untied") for loop in ("lightning", "plain")}
+    for variant in ("tied", "untied"):  # same seed, same tensors: the same accuracy in both loops
+        assert runs.accs[(variant, "lightning")] == pytest.approx(runs.accs[(variant, "plain")], abs=1e-6)
     out = capsys.readouterr().out
-    assert "seed    5:" in out and "seed    6:" in out and "over 2 seeds" in out
-    results = compare_tied.main(["--seeds", "1", "--trainer.max_steps=2", *SMALL])
-    assert [r.num_parameters for r in results["tied"]] == [6442]
-    assert [r.num_parameters for r in results["untied"]] == [6514]
-    (run_dir,) = (in_tmp_cwd / "lightning_logs/compare_tied").iterdir()
-    for variant in ("tied", "untied"):
-        assert {"val_acc", "num_parameters"} <= tags(run_dir / f"{variant}_seed0")
+    assert "seed    5:" in out and "seed    6:" in out and "| tied | plain | 6,442 |" in out
+    assert "tied: Lightning and plain agree on 2/2 seeds" in out
+
+
+def test_seeds_runner_reference_loop_is_seeded_its_own_way(
+    fake_system_env: FakeFashionMNIST, in_tmp_cwd: Path
+) -> None:
+    """The reference loop: manual_seed(s) before building, the same s for the shuffling generator."""
+    from experiments.data import TensorBatchLoader
+    from experiments.plain import evaluate, train_reference
+
+    args = ["--seeds", "1", "--first-seed", "3", "--loops", "reference", "plain", "--trainer.max_epochs=1"]
+    runs = seeds.main([*args, f"--data.data_dir={in_tmp_cwd / 'data'}", "--data.batch_size=16"])
+    splits = Splits.load(str(in_tmp_cwd / "data"))
+    # oracle: the reference's recipe written out (lazy layers materialized by the first batch)
+    generator = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    net = SharedMLP()
+    optimizer = None
+    for x, y in TensorBatchLoader(splits.train_x, splits.train_y, 16, shuffle=True, generator=generator):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        optimizer = optimizer or torch.optim.SGD(net.parameters(), lr=0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    expected = evaluate(net, TensorBatchLoader(splits.val_x, splits.val_y, 16))
+    assert runs.accs[("config", "reference")] == [pytest.approx(expected, abs=1e-9)]
+    reference = train_reference(splits, 3, max_epochs=1, batch_size=16).model
+    for (name, a), (_, b) in zip(net.named_parameters(), reference.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_seeds_runner_config_variant_follows_the_config_and_logs(
+    fake_system_env: FakeFashionMNIST, in_tmp_cwd: Path
+) -> None:
+    config = str(REPO_ROOT / "configs/untied_mlp.yaml")
+    runs = seeds.main(["--seeds", "1", "--tensorboard", "--config", config, "--trainer.max_steps=2", *SMALL])
+    assert runs.num_parameters == {"config": 6514}  # the default variant is what the config says
+    (run_dir,) = (in_tmp_cwd / "lightning_logs/seeds").iterdir()
+    assert {"val_acc", "num_parameters"} <= tags(run_dir / "config_seed0")
+    with pytest.raises(SystemExit, match="plain loop"):  # whole epochs only: never two different runs compared
+        seeds.main(["--seeds", "1", "--loops", "plain", "--trainer.max_steps=2", *SMALL])
 
 
 def test_spread_statistics() -> None:
     s = spread([0.1, 0.8, 0.82, 0.84, 0.9])
-    assert (s.median, s.minimum, s.maximum, s.q1, s.q3, s.collapsed) == (0.82, 0.1, 0.9, 0.8, 0.84, 1)
-    assert s.iqr == pytest.approx(0.04) and "collapsed 1/5" in s.line("x")
+    assert (s.median, s.minimum, s.maximum, s.q1, s.q3, s.failed) == (0.82, 0.1, 0.9, 0.8, 0.84, 1)
+    assert s.iqr == pytest.approx(0.04) and "failed 1/5" in s.line("x")
     assert spread([0.5]).median == 0.5 and spread([0.5]).iqr == 0.0
+    assert spread([0.49, 0.5]).failed == 1  # failed: below 0.5
 
 
 def test_param_table_script(capsys: pytest.CaptureFixture[str]) -> None:
@@ -182,18 +244,20 @@ def test_script_runs_under_ddp_on_cpu(fake_system_env: FakeFashionMNIST, in_tmp_
     """The README's distributed commands. ``ddp`` re-runs the script for rank 1 from ``sys.argv`` (both
     ranks must parse the same arguments); ``ddp_spawn`` trains in workers (the parent only gets metrics
     and weights back). One report; the monitor's tags written once (rank 0)."""
+    import os
     import subprocess
     import sys
 
     cmd = [
-        sys.executable, str(REPO_ROOT / "experiments/shared_mlp.py"), "--config", str(REPO_ROOT / "configs/quick.yaml"),
+        sys.executable, "-m", "experiments.shared_mlp", "--config", str(REPO_ROOT / "configs/quick.yaml"),
         f"--data.data_dir={in_tmp_cwd / 'data'}", "--trainer.max_steps=2", *SMALL,
         "--trainer.devices=2", f"--trainer.strategy={strategy}", "--trainer.accelerator=cpu",
     ]  # fmt: skip
     for attempt in range(2):
         run_dir = in_tmp_cwd / f"try{attempt}"
         run_dir.mkdir()
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=run_dir)
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # `python -m experiments.…` from another folder
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=run_dir, env=env)
         # gloo can abort a worker at teardown (pytorch/pytorch#190489): that one crash, and only it, is retried once
         if done.returncode == 0 or "terminate called without an active exception" not in done.stderr:
             break

@@ -81,3 +81,22 @@ def test_classifier_setup_materializes_before_optimizer() -> None:
 def test_classifier_default_network_is_the_shared_mlp() -> None:
     module = Classifier()
     assert isinstance(module.model, SharedMLP) and module.model.tied
+
+
+def test_init_seed_draws_the_reference_weights_and_leaves_the_global_rng() -> None:
+    """``init_seed`` = the reference loop's seeding: ``torch.manual_seed(s)`` right before building the
+    network, lazy layers initialised by the first (training) forward; the global stream is untouched."""
+    from experiments.models import materialize_seeded
+
+    batch = torch.rand(4, 1, 28, 28)
+    torch.manual_seed(7)
+    reference = SharedMLP()
+    reference(batch)  # the first training batch materializes the layers
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    seeded = materialize_seeded(SharedMLP(), init_seed=7)
+    assert torch.equal(torch.get_rng_state(), state)  # data order and dropout draw as without init_seed
+    for (name, a), (_, b) in zip(reference.named_parameters(), seeded.named_parameters(), strict=True):
+        assert torch.equal(a, b), name
+    unseeded = materialize_seeded(SharedMLP())  # None: from the global RNG, as before
+    assert not torch.equal(unseeded.net[1].weight, seeded.net[1].weight)
