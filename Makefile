@@ -5,12 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data experiment test test-fast lint bench clean
+.PHONY: setup data experiment tensorboard test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,report]'
 	touch $(STAMP)
 
 setup: $(STAMP) data
@@ -21,6 +21,12 @@ data:
 
 experiment: setup
 	$(PY) experiments/shared_mlp.py
+
+# TensorBoard (the venv's own) over every run in lightning_logs/, on this machine only.
+TB_PORT ?= 6006
+tensorboard: $(STAMP)
+	@echo "TensorBoard: http://127.0.0.1:$(TB_PORT)/  (the PARAM MONITOR tab: #param_monitor; Ctrl-C stops it)"
+	$(VENV)/bin/tensorboard --logdir lightning_logs --host 127.0.0.1 --port $(TB_PORT)
 
 test: setup
 	$(PY) -m ruff check .

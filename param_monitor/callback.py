@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 
 from param_monitor import distributed, stats
 from param_monitor.table import format_markdown, parameter_table
+from param_monitor.tensorboard_plugin.metadata import write_run_metadata
 from param_monitor.watcher import ParameterWatcher
 from param_monitor.writers import write_scalars
 
@@ -400,6 +401,7 @@ class ParameterMonitor(Callback):
         for writer in self._tensorboard_writers(trainer):
             writer.add_text(SUMMARY_TAG, table, global_step=step)
             _write_layout(writer, shared)
+            write_run_metadata(writer, parameter_table(pl_module, call_sites), shared, step)  # the PARAM MONITOR tab
         self._summary_pending = False
 
     def _write_histograms(self, trainer: pl.Trainer, watcher: ParameterWatcher, step: int) -> None:
