@@ -57,7 +57,9 @@ def run_metadata(rows: Sequence[ParameterInfo], shared_sites: Mapping[str, Seque
     }
 
 
-def run_metadata_summary(rows: Sequence[ParameterInfo], shared_sites: Mapping[str, Sequence[str]]) -> summary_pb2.Summary:
+def run_metadata_summary(
+    rows: Sequence[ParameterInfo], shared_sites: Mapping[str, Sequence[str]]
+) -> summary_pb2.Summary:
     """One ``Summary`` holding :func:`run_metadata` as a scalar string tensor of the plugin."""
     content = json.dumps(run_metadata(rows, shared_sites)).encode("utf-8")
     tensor = tensor_pb2.TensorProto(
@@ -68,7 +70,9 @@ def run_metadata_summary(rows: Sequence[ParameterInfo], shared_sites: Mapping[st
         data_class=summary_pb2.DATA_CLASS_TENSOR,
         summary_description="param_monitor: the model's parameters, aliases and call sites",
     )
-    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=RUN_METADATA_TAG, metadata=metadata, tensor=tensor)])
+    return summary_pb2.Summary(
+        value=[summary_pb2.Summary.Value(tag=RUN_METADATA_TAG, metadata=metadata, tensor=tensor)]
+    )
 
 
 def write_run_metadata(

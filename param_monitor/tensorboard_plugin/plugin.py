@@ -292,7 +292,10 @@ class ParamMonitorPlugin(base_plugin.TBPlugin):
         meta, _ = self._structure(reader, run)
         tag_names = set(reader.scalar_tags(run).get(run, []))
         shared = meta["shared"] if meta else _shared_from_tags(tag_names)
-        return {"run": run, "shared": [_shared_view(reader, run, name, sites, tag_names) for name, sites in shared.items()]}
+        return {
+            "run": run,
+            "shared": [_shared_view(reader, run, name, sites, tag_names) for name, sites in shared.items()],
+        }
 
     def _heatmap(self, reader: _Reader, run: str, request: Request) -> dict[str, Any] | Response:
         metric = request.args.get("metric", tags.GRAD_NORM)
@@ -332,9 +335,7 @@ def _shared_from_tags(tag_names: Iterable[str]) -> dict[str, list[str]]:
     return shared
 
 
-def _shared_view(
-    reader: _Reader, run: str, name: str, sites: Sequence[str], tag_names: set[str]
-) -> dict[str, Any]:
+def _shared_view(reader: _Reader, run: str, name: str, sites: Sequence[str], tag_names: set[str]) -> dict[str, Any]:
     """One shared parameter's stack and checks, on the steps where its gradient norm was logged."""
     wanted = {
         "grad_norm": tags.grad_norm(name),
