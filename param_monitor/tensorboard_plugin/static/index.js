@@ -19,7 +19,7 @@ const BASE_LAYOUT = {
   paper_bgcolor: '#fff',
   plot_bgcolor: '#fff',
   hovermode: 'x unified',
-  legend: {orientation: 'h', y: -0.25},
+  legend: {orientation: 'h', x: 0, y: 1.02, yanchor: 'bottom', traceorder: 'normal'},
 };
 
 const state = {runs: [], selected: [], filter: '', views: {}, metric: {}, ready: false, errors: []};
@@ -121,35 +121,54 @@ function drawShared(container, run, shared) {
       x: view.steps, y: gap(view.grad_norm), name: 'grad_norm (the total)', type: 'scatter', mode: 'lines',
       line: {color: '#222', width: 1.5, dash: 'dot'}, hovertemplate: 'grad_norm: %{y:.4g}<extra></extra>',
     });
+    card.insertBefore(el('p', {class: 'plot-title'},
+      'Each use\'s share × grad_norm, stacked: the top is grad_norm. Below zero: a use pulling against the others.'),
+    stackDiv);
     Plotly.newPlot(stackDiv, traces, {
-      ...BASE_LAYOUT, height: 300,
-      title: {text: 'each use\'s share × grad_norm, stacked: the top is grad_norm', font: {size: 12}},
+      ...BASE_LAYOUT, height: 300, margin: {...BASE_LAYOUT.margin, t: 30},
       xaxis: {title: {text: 'step'}}, yaxis: {title: {text: 'gradient norm'}},
+      shapes: nonfiniteShapes(view.steps, view.grad_norm),
     }, PLOT_CONFIG);
 
+    const row = el('div', {class: 'pair'});
+    const norms = el('div', {class: 'plot use-norms'});
     const checks = el('div', {class: 'plot checks'});
-    card.append(checks);
+    row.append(norms, checks);
+    card.append(row);
     const lines = view.sites.map((site, i) => ({
-      x: view.steps, y: gap(view.use_norm[site]), name: `‖use @ ${site}‖`, type: 'scatter', mode: 'lines',
+      x: view.steps, y: gap(view.use_norm[site]), name: `‖${site}‖`, type: 'scatter', mode: 'lines',
       line: {color: PALETTE[i % PALETTE.length], width: 1},
     }));
+    lines.push({x: view.steps, y: gap(view.grad_norm), name: 'grad_norm', type: 'scatter', mode: 'lines',
+                line: {color: '#222', width: 1, dash: 'dot'}});
+    Plotly.newPlot(norms, lines, {
+      ...BASE_LAYOUT, height: 220, xaxis: {title: {text: 'step'}}, yaxis: {title: {text: 'norm of each use'}},
+    }, PLOT_CONFIG);
+    const checkLines = [];
     if (view.cosine) {
-      lines.push({x: view.steps, y: gap(view.cosine), name: 'cosine', yaxis: 'y2', type: 'scatter', mode: 'lines',
-                  line: {color: '#555', width: 1, dash: 'dash'}});
+      checkLines.push({x: view.steps, y: gap(view.cosine), name: 'cosine between uses', type: 'scatter',
+                       mode: 'lines', line: {color: '#555', width: 1}});
     }
     if (view.error) {
-      lines.push({x: view.steps, y: gap(view.error), name: 'error (Σ uses − grad)/‖grad‖', yaxis: 'y3',
-                  type: 'scatter', mode: 'lines', line: {color: '#d62728', width: 1, dash: 'dot'}});
+      checkLines.push({x: view.steps, y: gap(view.error), name: 'error ‖Σ uses − grad‖/‖grad‖', yaxis: 'y2',
+                       type: 'scatter', mode: 'lines', line: {color: '#d62728', width: 1, dash: 'dot'}});
     }
-    Plotly.newPlot(checks, lines, {
-      ...BASE_LAYOUT, height: 240, margin: {...BASE_LAYOUT.margin, r: 70},
-      title: {text: 'per-use norms; cosine between uses; error of the split', font: {size: 12}},
-      xaxis: {title: {text: 'step'}, domain: [0, 0.88]}, yaxis: {title: {text: 'norm'}},
-      yaxis2: {title: {text: 'cosine'}, overlaying: 'y', side: 'right', range: [-1.05, 1.05], showgrid: false},
-      yaxis3: {overlaying: 'y', side: 'right', position: 0.96, type: 'log', showgrid: false, title: {text: 'error'},
-               anchor: 'free'},
+    Plotly.newPlot(checks, checkLines, {
+      ...BASE_LAYOUT, height: 220, margin: {...BASE_LAYOUT.margin, r: 60},
+      xaxis: {title: {text: 'step'}}, yaxis: {title: {text: 'cosine'}, range: [-1.05, 1.05]},
+      yaxis2: {title: {text: 'error'}, overlaying: 'y', side: 'right', showgrid: false, exponentformat: 'e',
+               rangemode: 'tozero'},
     }, PLOT_CONFIG);
   }
+}
+
+// A red band over the steps whose total is NaN/inf: a stack cannot leave a gap there.
+function nonfiniteShapes(steps, totals) {
+  return steps.flatMap((step, i) => (totals[i] === null || finite(totals[i]) ? [] : [{
+    type: 'rect', xref: 'x', yref: 'paper', x0: i ? (steps[i - 1] + step) / 2 : step,
+    x1: i + 1 < steps.length ? (steps[i + 1] + step) / 2 : step, y0: 0, y1: 1,
+    fillcolor: NONFINITE_COLOUR, opacity: 0.25, line: {width: 0},
+  }]));
 }
 
 function heatmapTraces(info, data, metric) {
