@@ -100,14 +100,20 @@ def train_shared_mlp(save_dir: Path, name: str = "shared_mlp", steps: int = 30) 
 
 
 def wsgi_app(logdir: Path) -> Any:
-    """TensorBoard's WSGI app over ``logdir`` with the PARAM MONITOR plugin, data read once."""
+    """TensorBoard's WSGI app over ``logdir`` with the PARAM MONITOR plugin, data read once.
+
+    The multiplexer keeps what ``tensorboard`` keeps by default (a reservoir of 1,000 scalars per tag).
+    """
     from tensorboard.backend import application
-    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.backend.event_processing import data_ingester, data_provider, plugin_event_multiplexer
     from tensorboard.plugins import base_plugin
 
     from param_monitor.tensorboard_plugin.plugin import ParamMonitorPlugin
 
-    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer = plugin_event_multiplexer.EventMultiplexer(  # what `tensorboard --load_fast=false` keeps
+        size_guidance=data_ingester.DEFAULT_SIZE_GUIDANCE,
+        tensor_size_guidance=data_ingester.DEFAULT_TENSOR_SIZE_GUIDANCE,
+    )
     multiplexer.AddRunsFromDirectory(str(logdir))
     multiplexer.Reload()
     provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))

@@ -110,7 +110,7 @@ def bin_rows(
     column steps (each bin's last step), the values, and, when binned, the step each cell is from.
 
     >>> bin_rows({"a": {0: 1.0, 1: float("nan"), 2: 3.0, 3: 4.0}}, 2)
-    ([1, 3], [[nan], [4.0]], [[1], [3]])
+    ([1, 3], [[nan, 4.0]], [[1, 3]])
     """
     steps = sorted(set().union(*(r.keys() for r in rows.values()))) if rows else []
     if len(steps) <= max_columns:
@@ -173,12 +173,23 @@ class _Reader:
         return {run for run, by_tag in listing.items() if tags.RUN_METADATA_TAG in by_tag}
 
     def text(self, run: str, tag: str) -> list[tuple[int, str]]:
-        rtf = provider.RunTagFilter(runs=[run], tags=[tag])
+        """``(step, text)`` of ``tag`` or of ``tag/...``: torch's ``add_text`` appends ``/text_summary``."""
+        rtf = provider.RunTagFilter(runs=[run])
+        listing = self.provider.list_tensors(
+            self.ctx, experiment_id=self.eid, plugin_name=TEXT_PLUGIN, run_tag_filter=rtf
+        )
+        names = [t for t in listing.get(run, {}) if t == tag or t.startswith(f"{tag}/")]
+        if not names:
+            return []
         data = self.provider.read_tensors(
-            self.ctx, experiment_id=self.eid, plugin_name=TEXT_PLUGIN, downsample=100, run_tag_filter=rtf
+            self.ctx,
+            experiment_id=self.eid,
+            plugin_name=TEXT_PLUGIN,
+            downsample=100,
+            run_tag_filter=provider.RunTagFilter(runs=[run], tags=names),
         )
         out = []
-        for datum in data.get(run, {}).get(tag, []):
+        for datum in sorted((d for t in names for d in data.get(run, {}).get(t, [])), key=lambda d: d.step):
             array = datum.numpy
             items = array.reshape(-1).tolist() if array.ndim else [array.item()]
             out.append((datum.step, "\n\n".join(x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in items)))
