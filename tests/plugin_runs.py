@@ -1,7 +1,7 @@
 """Short real runs for the PARAM MONITOR tab's tests: a real Trainer with the monitor writes them.
 
 - ``tiny_shared``: a small MLP whose middle Linear is used twice (``model.2`` and ``model.4``);
-- ``shared_mlp``: the exercise's ``SharedMLP`` (tied ``net.3``/``net.6``), on random images;
+- ``shared_mlp``: the exercise's ``SharedMLP`` (tied ``net.3``/``net.6``, or untied), on random images;
 - ``nan_run``: the tiny model whose loss becomes NaN from step 6 on (gradients NaN, logged as they are).
 
 Also the in-process TensorBoard app over a logdir (the data provider that ``tensorboard`` itself
@@ -52,12 +52,12 @@ class TinyShared(pl.LightningModule):
 class ImageClassifier(pl.LightningModule):
     """The experiment's SharedMLP as ``self.model`` (so its tags read ``model.net.3.weight``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tied: bool = True) -> None:
         super().__init__()
         sys.path.insert(0, str(REPO_ROOT))
         from experiments.models import SharedMLP, materialize
 
-        self.model = materialize(SharedMLP())
+        self.model = materialize(SharedMLP(tied=tied))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -93,10 +93,10 @@ def train_tiny(save_dir: Path, name: str = "tiny_shared", steps: int = 12, nan_f
     return fit(TinyShared(nan_from), data, save_dir, name, steps)
 
 
-def train_shared_mlp(save_dir: Path, name: str = "shared_mlp", steps: int = 30) -> Path:
+def train_shared_mlp(save_dir: Path, name: str = "shared_mlp", steps: int = 30, tied: bool = True) -> Path:
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.rand(240, 1, 28, 28), torch.randint(0, 10, (240,)))
-    return fit(ImageClassifier(), data, save_dir, name, steps)
+    return fit(ImageClassifier(tied), data, save_dir, name, steps)
 
 
 def wsgi_app(logdir: Path) -> Any:
