@@ -272,7 +272,9 @@ def test_clicking_a_heatmap_row_opens_its_line_chart(driver: Any, logs: Logs) ->
         )
         drag, x, y = target
         size = drag.size
-        ActionChains(driver).move_to_element_with_offset(drag, x - size["width"] // 2, y - size["height"] // 2).click().perform()
+        ActionChains(driver).move_to_element_with_offset(
+            drag, x - size["width"] // 2, y - size["height"] // 2
+        ).click().perform()
         chart = wait_until(
             lambda: driver.execute_script(
                 f"""const div = {column(TIED)}.querySelector('.row-chart .plot.row');
