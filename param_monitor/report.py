@@ -36,7 +36,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from param_monitor import tags  # noqa: E402
-from param_monitor.tensorboard_plugin.metadata import parse_run_metadata  # noqa: E402
+from param_monitor.tensorboard_plugin.metadata import model_order, parse_run_metadata  # noqa: E402
 
 NO_MONITOR = "no tags: was ParameterMonitor on?"
 NO_SHARED = "no shared parameters logged"
@@ -148,8 +148,10 @@ def share_stack(series: dict[str, Series], name: str) -> tuple[list[int], dict[s
     return steps, {site: [values[step] * norm[step] for step in steps] for site, values in by_site.items()}
 
 
-def _plot_share_stack(ax: Axes, series: dict[str, Series]) -> None:
+def _plot_share_stack(ax: Axes, series: dict[str, Series], parameters: Sequence[str] = ()) -> None:
     names = list(shared_sites(series, tags.SHARED_GRAD_SHARE))
+    if parameters:  # the first shared parameter of the model (a weight before its bias)
+        names = model_order(names, parameters)
     ax.set_xlabel("step")
     if not names:
         ax.set_title("shared layer: each use's share of the gradient")
@@ -176,8 +178,6 @@ def heatmap_rows(run: Run, family: str = tags.GRAD_NORM) -> list[str]:
     names = [tag[len(family) + 1 :] for tag in run.scalars if tag.startswith(f"{family}/")]
     if not run.parameters:
         return names  # the order the monitor wrote them: its parameter order
-    from param_monitor.tensorboard_plugin.plugin import model_order  # (imports TensorBoard's server side)
-
     return model_order(names, run.parameters)
 
 
@@ -242,7 +242,7 @@ def summary_figure(series: dict[str, Series] | Run, title: str = "") -> Figure:
     _plot_lines(axes[1, 0], _shared_lines(scalars), "shared layer: gradient norm per use, and total", NO_SHARED)
     metrics = {tag: scalars[tag] for tag in ("train_loss", "val_loss", "val_acc") if tag in scalars}
     _plot_lines(axes[1, 1], metrics, "loss and accuracy", "no metrics logged")
-    _plot_share_stack(axes[2, 0], scalars)
+    _plot_share_stack(axes[2, 0], scalars, run.parameters)
     _plot_heatmap(fig, axes[2, 1], run)
     fig.suptitle(title, fontsize="small")
     fig.tight_layout()

@@ -18,7 +18,7 @@ Framework-light: it needs a writer with ``_get_file_writer().add_summary`` (torc
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
@@ -92,3 +92,22 @@ def parse_run_metadata(tensor: tensor_pb2.TensorProto | bytes | str) -> dict[str
     if isinstance(tensor, bytes):
         tensor = tensor.decode("utf-8")
     return json.loads(tensor)
+
+
+def model_order(names: Iterable[str], parameters: Sequence[str]) -> list[str]:
+    """``names`` (tag suffixes) in the model's order: a parameter's own position, or, for a module
+    name (``aggregate_depth``), the position of its first parameter; unknown names last, sorted.
+
+    >>> model_order(["b", "net.1", "z", "net.0.weight"], ["net.0.weight", "net.1.weight", "b"])
+    ['net.0.weight', 'net.1', 'b', 'z']
+    """
+    position = {name: i for i, name in enumerate(parameters)}
+
+    def key(name: str) -> tuple[int, str]:
+        if name in position:
+            return position[name], name
+        prefix = name + "."
+        first = next((i for i, p in enumerate(parameters) if p.startswith(prefix)), len(parameters))
+        return first, name
+
+    return sorted(names, key=key)

@@ -38,7 +38,7 @@ from tensorboard.plugins import base_plugin
 from werkzeug import Request, Response
 
 from param_monitor import tags
-from param_monitor.tensorboard_plugin.metadata import parse_run_metadata
+from param_monitor.tensorboard_plugin.metadata import model_order, parse_run_metadata
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: The only files served from ``static/`` (anything else, ``..`` included, is a 404).
@@ -79,25 +79,6 @@ def evenly_spaced(n: int, k: int) -> list[int]:
     if k == 1:
         return [n - 1]
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
-
-
-def model_order(names: Iterable[str], parameters: Sequence[str]) -> list[str]:
-    """``names`` (tag suffixes) in the model's order: a parameter's own position, or, for a module
-    name (``aggregate_depth``), the position of its first parameter; unknown names last, sorted.
-
-    >>> model_order(["b", "net.1", "z", "net.0.weight"], ["net.0.weight", "net.1.weight", "b"])
-    ['net.0.weight', 'net.1', 'b', 'z']
-    """
-    position = {name: i for i, name in enumerate(parameters)}
-
-    def key(name: str) -> tuple[int, str]:
-        if name in position:
-            return position[name], name
-        prefix = name + "."
-        first = next((i for i, p in enumerate(parameters) if p.startswith(prefix)), len(parameters))
-        return first, name
-
-    return sorted(names, key=key)
 
 
 def bin_rows(
