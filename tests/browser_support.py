@@ -109,14 +109,19 @@ class TensorBoardServer:
 
 @contextmanager
 def tensorboard_server(
-    logdir: Path, work_dir: Path, launcher: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+    logdir: Path,
+    work_dir: Path,
+    launcher: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    load_fast: bool = False,
 ) -> Iterator[TensorBoardServer]:
     """Serve ``logdir`` on a free 127.0.0.1 port; the process group is killed on exit.
 
     ``--load_fast=false`` keeps the pure-Python reader: the Rust data server is a separate
     download that is not on these machines.  A short ``--reload_interval`` makes the first
     load quick.  ``launcher`` replaces the ``tensorboard`` executable (a script taking its flags);
-    ``env`` is the server's environment (default: this process's).
+    ``env`` is the server's environment (default: this process's); ``load_fast=True`` uses the
+    Rust data server where the ``tensorboard-data-server`` package has one (benchmarks only).
     """
     port = free_port()
     log_path = work_dir / "tensorboard.log"
@@ -125,7 +130,7 @@ def tensorboard_server(
         f"--logdir={logdir}",
         "--host=127.0.0.1",
         f"--port={port}",
-        "--load_fast=false",
+        f"--load_fast={'true' if load_fast else 'false'}",
         "--reload_interval=1",
     ]
     with log_path.open("wb") as log:

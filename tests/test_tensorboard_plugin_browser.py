@@ -75,9 +75,9 @@ def plugin_server_args() -> tuple[list[str] | None, dict[str, str]]:
 
 
 @contextmanager
-def plugin_server(logdir: Path, work_dir: Path) -> Iterator[TensorBoardServer]:
+def plugin_server(logdir: Path, work_dir: Path, load_fast: bool = False) -> Iterator[TensorBoardServer]:
     launcher, env = plugin_server_args()
-    with tensorboard_server(logdir, work_dir, launcher=launcher, env=env) as server:
+    with tensorboard_server(logdir, work_dir, launcher=launcher, env=env, load_fast=load_fast) as server:
         yield server
 
 
@@ -107,6 +107,7 @@ def driver(server: TensorBoardServer) -> Iterator[Any]:
 
 def open_tab(driver: Any, server: TensorBoardServer, timeout: float = 60) -> float:
     """Open the PARAM MONITOR tab and wait until every selected run is drawn; seconds it took."""
+    driver.get("about:blank")  # a fresh page even when the tab is open already
     start = time.monotonic()
     driver.get(f"{server.url}/#param_monitor")
     with in_tab(driver, timeout):
