@@ -108,7 +108,7 @@ function drawShared(container, run, shared) {
       view.sites.forEach((site, i) => {
         traces.push({
           x: view.steps, y: gap(view.stack[site]), name: `use @ ${site}`, type: 'scatter', mode: 'lines',
-          stackgroup: 'uses', line: {color: PALETTE[i % PALETTE.length], width: 1},
+          stackgroup: 'uses', stackgaps: 'interpolate', line: {color: PALETTE[i % PALETTE.length], width: 1},
           fillcolor: PALETTE[i % PALETTE.length] + 'aa',
           customdata: gap(view.share[site]),
           hovertemplate: `${site}: %{y:.4g} (share %{customdata:.1%})<extra></extra>`,
@@ -175,26 +175,32 @@ function heatmapTraces(info, data, metric) {
   const spec = HEATMAPS[metric];
   const keep = data.rows.map((name, i) => [name, i]).filter(([name]) => matches(name));
   const y = keep.map(([name]) => rowLabel(info, name));
-  const z = [], special = [], text = [];
-  for (const [name, i] of keep) {
+  const z = [], special = [], custom = [];
+  let anySpecial = false;
+  for (const [, i] of keep) {
     const values = data.values[i];
     const steps = data.cell_steps ? data.cell_steps[i] : data.steps;
     z.push(values.map((v) => (!finite(v) ? null : spec.log ? (v > 0 ? Math.log10(v) : null) : v)));
     // zero (a dead layer, on a log scale) and NaN/inf (where training broke) get colours of their own
-    special.push(values.map((v) => (v === null || v === undefined ? null : !finite(v) ? 1 : spec.log && v <= 0 ? 0 : null)));
-    text.push(values.map((v, j) => `${name}<br>step ${steps[j]}<br>${metric} ${v === null ? '–' : String(v)}`));
+    const marks = values.map((v) => (v === null || v === undefined ? null : !finite(v) ? 1 : spec.log && v <= 0 ? 0 : null));
+    anySpecial = anySpecial || marks.some((m) => m !== null);
+    special.push(marks);
+    // hover: the value as logged and the step it was logged at (numbers: cheaper than 1,000 rows of strings)
+    custom.push(values.map((v, j) => [v === null || v === undefined ? NaN : v, steps[j]]));
   }
   let colour = {colorscale: spec.colorscale};
   if (spec.diverging) {
     const extent = Math.max(1e-12, ...z.flat().filter(finite).map(Math.abs));
     colour = {colorscale: spec.colorscale, reversescale: true, zmid: 0, zmin: -extent, zmax: extent};
   }
+  const hovertemplate = `%{y}<br>step %{customdata[1]}<br>${metric} %{customdata[0]:.6g}<extra></extra>`;
+  const ygap = y.length > 80 ? 0 : 1;
   return [
-    {type: 'heatmap', x: data.steps, y, z, text, hoverinfo: 'text', hovertemplate: '%{text}<extra></extra>',
-     colorbar: {title: {text: spec.title, side: 'right'}, thickness: 12}, xgap: 0, ygap: 1, ...colour},
-    {type: 'heatmap', x: data.steps, y, z: special, text, hoverinfo: 'text', hovertemplate: '%{text}<extra></extra>',
-     colorscale: [[0, ZERO_COLOUR], [1, NONFINITE_COLOUR]], zmin: 0, zmax: 1, showscale: false, ygap: 1,
-     name: 'zero / non-finite'},
+    {type: 'heatmap', x: data.steps, y, z, customdata: custom, hovertemplate,
+     colorbar: {title: {text: spec.title, side: 'right'}, thickness: 12}, xgap: 0, ygap, ...colour},
+    {type: 'heatmap', x: data.steps, y, z: special, customdata: custom, hovertemplate,
+     colorscale: [[0, ZERO_COLOUR], [1, NONFINITE_COLOUR]], zmin: 0, zmax: 1, showscale: false, ygap,
+     name: 'zero / non-finite', visible: anySpecial},
   ];
 }
 
