@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pytest
 import tomllib
-from conftest import load_events, read_scalars
 from plugin_runs import NAN_FROM_STEP, REPO_ROOT, TINY_SHARED, TINY_SITES, TinyShared, train_tiny, wsgi_app
 from torch.utils.tensorboard import SummaryWriter
 from werkzeug.test import Client
@@ -26,6 +25,7 @@ from param_monitor import tags
 from param_monitor.tensorboard_plugin import plugin
 from param_monitor.tensorboard_plugin.metadata import parse_run_metadata
 from param_monitor.writers import write_scalars
+from tests.conftest import load_events, read_scalars
 
 PREFIX = "/data/plugin/param_monitor"
 TINY, NAN_RUN, PLAIN = "tiny_shared/version_0", "nan_run/version_0", "plain"

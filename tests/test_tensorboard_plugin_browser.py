@@ -30,8 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-from browser_support import (
+if __name__ == "__main__":  # run as a script (the screenshot below): the repository root for `tests.conftest`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+from browser_support import (  # noqa: E402
     TensorBoardServer,
     chromium,
     requires_browser,
@@ -39,7 +42,6 @@ from browser_support import (
     tensorboard_server,
     wait_until,
 )
-from conftest import read_scalars
 from plugin_runs import (
     MLP_SHARED,
     MLP_SITES,
@@ -51,6 +53,7 @@ from plugin_runs import (
 )
 
 from param_monitor.table import parameter_table
+from tests.conftest import read_scalars
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, requires_browser]
 
