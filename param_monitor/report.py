@@ -160,7 +160,7 @@ def _plot_share_stack(ax: Axes, series: dict[str, Series], parameters: Sequence[
     name = names[0]
     steps, stack = share_stack(series, name)
     more = f" (+{len(names) - 1} more in the tab)" if len(names) > 1 else ""
-    ax.set_title(f"{name}: share × grad_norm per use, stacked{more}")
+    ax.set_title(f"{name}: share × grad_norm per use, stacked{more}", fontsize="medium")
     # stackplot cannot stack a NaN: those steps are left out and shaded
     finite = [i for i, step in enumerate(steps) if all(math.isfinite(v[i]) for v in stack.values())]
     if finite:
