@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup data experiment test test-fast lint bench clean
+.PHONY: setup data experiment tensorboard test test-fast lint bench clean
 
 # constraints.txt pins this machine's builds (local files); pyproject.toml only declares ranges.
 $(STAMP): pyproject.toml constraints.txt
@@ -22,6 +22,12 @@ data:
 
 experiment: setup
 	$(PY) -m experiments.shared_mlp
+
+# TensorBoard (the venv's own) over every run in lightning_logs/, on this machine only.
+TB_PORT ?= 6006
+tensorboard: $(STAMP)
+	@echo "TensorBoard: http://127.0.0.1:$(TB_PORT)/  (the PARAM MONITOR tab: #param_monitor; Ctrl-C stops it)"
+	$(VENV)/bin/tensorboard --logdir lightning_logs --host 127.0.0.1 --port $(TB_PORT)
 
 test: setup
 	$(PY) -m ruff check .

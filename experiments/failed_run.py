@@ -6,7 +6,7 @@
 Healthy: the default run (``seed_everything 0``). Failed: ``configs/failed_init.yaml``, the same data
 order but the initial weights of the reference loop's seed 7 (``--model.init_seed 7``). Both log every
 10 steps with both diagnostics on. The picture is read back from the event files with TensorBoard's
-reader (``experiments.plots.read_scalars``): per column one run, per row
+reader (``param_monitor.report.read_scalars``): per column one run, per row
 
 1. ``dead_units/{layer}``: the share of each layer's output units whose gradient row is exactly zero;
 2. the shared layer's per-use gradient norms (``shared_grad/model.net.3.weight/{site}``) and its total;
@@ -25,8 +25,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.plots import Series, plt, read_scalars
 from param_monitor import tags
+from param_monitor.report import Series, plt, read_scalars
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT = REPO_ROOT / "docs" / "failed_run.png"

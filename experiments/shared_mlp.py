@@ -5,18 +5,20 @@
     python -m experiments.shared_mlp fit --data.data_dir /tmp/data    # explicit subcommand also works
 
 With no subcommand it fits. Afterwards it prints the final validation accuracy, the tied/untied
-parameter counts, the path of ``summary.png`` (a plot of the run's TensorBoard scalars) and the
-``tensorboard`` command that shows the run. Other subcommands (``validate`` ...) run plain LightningCLI.
+parameter counts, the path of ``summary.png`` (``param_monitor.report``: the run's TensorBoard data on
+one picture) and the command that serves the run with TensorBoard (the venv's own, on 127.0.0.1).
+Other subcommands (``validate`` ...) run plain LightningCLI.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from experiments.cli import SUBCOMMANDS, RunResult, build_cli, train
 from experiments.models import SharedMLP, count_parameters, materialize
-from experiments.plots import plot_summary
+from param_monitor.report import plot_summary
 
 
 def tied_untied_counts(model: SharedMLP) -> tuple[int, int]:
@@ -41,7 +43,22 @@ def report(result: RunResult) -> None:
         )
     if result.log_dir is not None:
         print(f"summary plot: {plot_summary(result.log_dir)}")
-        print(f"to browse the run:  tensorboard --logdir {result.log_dir}")
+        print(f"to browse the run (the PARAM MONITOR tab):  {tensorboard_command(result.log_dir)}")
+        print("  (or `make tensorboard` for every run in lightning_logs/)")
+
+
+def tensorboard_command(log_dir: Path) -> str:
+    """A command that serves ``log_dir`` on 127.0.0.1, runnable as printed in this shell's directory.
+
+    It names this interpreter's own ``tensorboard`` (inside ``.venv``, not on a new shell's PATH),
+    relative to the working directory when it lies below it (``.venv/bin/tensorboard``).
+    """
+    exe = Path(sys.executable).parent / "tensorboard"
+    if not exe.exists():
+        return f"tensorboard --logdir {log_dir} --host 127.0.0.1"
+    cwd = Path.cwd()
+    shown = exe.relative_to(cwd) if exe.is_relative_to(cwd) else exe
+    return f"{shown} --logdir {log_dir} --host 127.0.0.1"
 
 
 def main(argv: Sequence[str] | None = None) -> RunResult | None:

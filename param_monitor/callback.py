@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 from param_monitor import _lightning, distributed, stats, tags
 from param_monitor.nonfinite import NonFiniteGradientError, NonFinitePolicy, NonFiniteReport
 from param_monitor.table import format_markdown, parameter_table
+from param_monitor.tensorboard_plugin.metadata import write_run_metadata
 from param_monitor.update_ratio import UpdateRatio
 from param_monitor.watcher import ParameterWatcher
 from param_monitor.writers import write_scalars
@@ -513,6 +514,7 @@ class ParameterMonitor(Callback):
             _write_layout(
                 logger.experiment, shared, _lightning.logger_prefix(logger), self.log_update_ratio, self.log_dead_units
             )
+            write_run_metadata(logger.experiment, parameter_table(pl_module, call_sites), shared, step)  # the tab
         self._summary_pending = False
 
     def _write_histograms(

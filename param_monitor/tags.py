@@ -88,3 +88,9 @@ def split_shared(tag: str) -> tuple[str, str]:
     _, _, rest = tag.partition("/")
     name, _, site = rest.partition("/")
     return name, site
+
+
+#: The PARAM MONITOR tab (``param_monitor.tensorboard_plugin``): its plugin name, and the tag of the
+#: one summary per run that describes the model (parameters in order, aliases, call sites).
+PLUGIN_NAME = "param_monitor"
+RUN_METADATA_TAG = "param_monitor/run_metadata"

@@ -17,7 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -108,25 +108,36 @@ class TensorBoardServer:
 
 
 @contextmanager
-def tensorboard_server(logdir: Path, work_dir: Path) -> Iterator[TensorBoardServer]:
+def tensorboard_server(
+    logdir: Path,
+    work_dir: Path,
+    launcher: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    load_fast: bool = False,
+) -> Iterator[TensorBoardServer]:
     """Serve ``logdir`` on a free 127.0.0.1 port; the process group is killed on exit.
 
     ``--load_fast=false`` keeps the pure-Python reader: the Rust data server is a separate
     download that is not on these machines.  A short ``--reload_interval`` makes the first
-    load quick.
+    load quick.  ``launcher`` replaces the ``tensorboard`` executable (a script taking its flags);
+    ``env`` is the server's environment (default: this process's); ``load_fast=True`` uses the
+    Rust data server where the ``tensorboard-data-server`` package has one (benchmarks only).
     """
     port = free_port()
     log_path = work_dir / "tensorboard.log"
     command = [
-        str(TENSORBOARD),
+        *(launcher or [str(TENSORBOARD)]),
         f"--logdir={logdir}",
         "--host=127.0.0.1",
         f"--port={port}",
-        "--load_fast=false",
+        f"--load_fast={'true' if load_fast else 'false'}",
         "--reload_interval=1",
     ]
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server_env = None if env is None else dict(env)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=server_env
+        )
     try:
         yield TensorBoardServer(process, f"http://127.0.0.1:{port}", log_path)
     finally:
@@ -158,6 +169,7 @@ def chromium(width: int = 1400, height: int = 1000) -> Iterator[Any]:
             options.add_argument(flag)
         options.add_argument(f"--user-data-dir={profile}")
         options.add_argument(f"--window-size={width},{height}")
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for driver.get_log
         driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
         try:
             fit_viewport(driver, width, height)

@@ -124,7 +124,12 @@ def test_end_to_end_fake_data(
     assert {"num_parameters"} <= logged and "num_parameters: 6442" in (result.log_dir / "hparams.yaml").read_text()
     assert (result.log_dir / "summary.png").read_bytes()[:4] == b"\x89PNG"
     out = capsys.readouterr().out
-    assert f"tensorboard --logdir {result.log_dir}" in out and "6442" in out and "6514" in out
+    assert "6442" in out and "6514" in out
+    # the printed TensorBoard command works as printed: this venv's own executable, on 127.0.0.1
+    (command,) = [line.split(":  ", 1)[1] for line in out.splitlines() if line.startswith("to browse the run")]
+    executable, *args = command.split()
+    assert Path(executable).is_file() and Path(executable).name == "tensorboard"
+    assert args == ["--logdir", str(result.log_dir), "--host", "127.0.0.1"]
 
 
 def test_fit_subcommand_and_untied(fake_system_env: FakeFashionMNIST, in_tmp_cwd: Path) -> None:

@@ -8,7 +8,7 @@ import pytest
 from exp_fake_data import FakeFashionMNIST
 
 from experiments import failed_run
-from experiments.plots import read_scalars
+from param_monitor.report import read_scalars
 
 
 def test_failed_run_trains_both_and_draws_the_diagnostics(

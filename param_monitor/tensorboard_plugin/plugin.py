@@ -1,0 +1,379 @@
+"""The PARAM MONITOR tab's backend: a TensorBoard dynamic plugin and its JSON routes.
+
+TensorBoard loads ``/index.js`` (``static/index.js``) into an iframe and calls its ``render()``;
+that module fetches everything else from the routes below. Every read goes through
+``context.data_provider`` (the multiplexer is ``None`` with TensorBoard's fast loader). Values
+are sent as read from the event files (float32, printed with 9 significant digits, which round-
+trips float32 exactly); TensorBoard's JSON encoder turns NaN and infinities into the strings
+``"NaN"``, ``"Infinity"`` and ``"-Infinity"``, which the front end turns back into numbers.
+
+Routes (``/data/plugin/param_monitor/...``), each refusing a run it does not list with 404:
+
+=========================  ======================================================================
+``/runs``                  the runs holding the monitor's data, with whether they hold its metadata
+``/run?run=R``             parameters in model order (shape, numel, aliases, call sites), shared
+                           parameters and sites, heatmap rows per metric, the non-finite record
+``/shared?run=R``          per shared parameter: steps, ``grad_norm``, each use's share,
+                           ``share × grad_norm`` (the stack), each use's norm, cosine, error
+``/heatmap?run=R&metric=M``  rows (model order) × step columns of ``M/{name}``, at most
+                           ``MAX_COLUMNS`` columns (a non-finite value in a column's steps wins)
+``/series?run=R&name=N``   every per-parameter metric of ``N``, at most ``MAX_LINE_POINTS`` points
+=========================  ======================================================================
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from tensorboard import plugin_util
+from tensorboard.backend import http_util
+from tensorboard.data import provider
+from tensorboard.plugins import base_plugin
+from werkzeug import Request, Response
+
+from param_monitor import tags
+from param_monitor.tensorboard_plugin.metadata import model_order, parse_run_metadata
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+#: The only files served from ``static/`` (anything else, ``..`` included, is a 404).
+STATIC_FILES = {"index.js": "text/javascript", "style.css": "text/css"}
+#: Heatmap columns and line points sent at most: enough for a screen, small for 1,000 tensors.
+MAX_COLUMNS = 240
+MAX_LINE_POINTS = 1000
+#: Points asked of the data provider per tag (it keeps a reservoir of 1,000 scalars by default).
+READ_LIMIT = 100_000
+#: Per-parameter families drawn as heatmaps, and the other per-name families a row's chart shows.
+HEATMAP_METRICS = (tags.GRAD_NORM, tags.WEIGHT_NORM, tags.WEIGHT_MEAN)
+ROW_METRICS = HEATMAP_METRICS + (tags.UPDATE_RATIO, tags.DEAD_UNITS)
+SCALARS_PLUGIN = "scalars"
+TEXT_PLUGIN = "text"
+
+
+def _value(x: float) -> float:
+    """A float32 value as JSON: 9 significant digits round-trip float32; NaN/inf pass through."""
+    return float(f"{x:.9g}") if math.isfinite(x) else x
+
+
+def _json(request: Request, payload: Any, code: int = 200) -> Response:
+    return http_util.Respond(request, payload, "application/json", code=code)
+
+
+def _not_found(request: Request, what: str) -> Response:
+    return http_util.Respond(request, f"param_monitor: {what}", "text/plain", code=404)
+
+
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """``min(n, k)`` indices into ``range(n)``, evenly spread, first and last included.
+
+    >>> evenly_spaced(10, 4), evenly_spaced(3, 5)
+    ([0, 3, 6, 9], [0, 1, 2])
+    """
+    if n <= k:
+        return list(range(n))
+    if k == 1:
+        return [n - 1]
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+def bin_rows(
+    rows: Mapping[str, Mapping[int, float]], max_columns: int
+) -> tuple[list[int], list[list[float | None]], list[list[int | None]] | None]:
+    """Columns for a heatmap: every step if they fit, else ``max_columns`` bins of consecutive steps.
+
+    A binned cell holds the value at its row's last step in the bin, unless a value in the bin is
+    not finite: then the first such value (a NaN must not hide between columns). Returns the
+    column steps (each bin's last step), the values, and, when binned, the step each cell is from.
+
+    >>> bin_rows({"a": {0: 1.0, 1: float("nan"), 2: 3.0, 3: 4.0}}, 2)
+    ([1, 3], [[nan, 4.0]], [[1, 3]])
+    """
+    steps = sorted(set().union(*(r.keys() for r in rows.values()))) if rows else []
+    if len(steps) <= max_columns:
+        return steps, [[r.get(s) for s in steps] for r in rows.values()], None
+    bounds = [round(i * len(steps) / max_columns) for i in range(max_columns + 1)]
+    bins = [steps[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    values: list[list[float | None]] = []
+    sources: list[list[int | None]] = []
+    for row in rows.values():
+        row_values, row_sources = [], []
+        for chunk in bins:
+            present = [s for s in chunk if s in row]
+            bad = next((s for s in present if not math.isfinite(row[s])), None)
+            pick = bad if bad is not None else (present[-1] if present else None)
+            row_values.append(None if pick is None else row[pick])
+            row_sources.append(pick)
+        values.append(row_values)
+        sources.append(row_sources)
+    return [chunk[-1] for chunk in bins], values, sources
+
+
+class _Reader:
+    """The data provider, for one request (its context and experiment id)."""
+
+    def __init__(self, data_provider: provider.DataProvider, request: Request) -> None:
+        self.provider = data_provider
+        self.ctx = plugin_util.context(request.environ)
+        self.eid = plugin_util.experiment_id(request.environ)
+
+    def scalar_tags(self, run: str | None = None) -> dict[str, list[str]]:
+        rtf = provider.RunTagFilter(runs=[run]) if run is not None else None
+        listing = self.provider.list_scalars(
+            self.ctx, experiment_id=self.eid, plugin_name=SCALARS_PLUGIN, run_tag_filter=rtf
+        )
+        return {r: list(t) for r, t in listing.items()}
+
+    def scalars(self, run: str, tag_names: Sequence[str]) -> dict[str, dict[int, float]]:
+        """``{tag: {step: value}}`` (the last value when a step was written twice)."""
+        if not tag_names:
+            return {}
+        data = self.provider.read_scalars(
+            self.ctx,
+            experiment_id=self.eid,
+            plugin_name=SCALARS_PLUGIN,
+            downsample=READ_LIMIT,
+            run_tag_filter=provider.RunTagFilter(runs=[run], tags=list(tag_names)),
+        )
+        return {tag: {d.step: _value(d.value) for d in points} for tag, points in data.get(run, {}).items()}
+
+    def last_tensor(self, plugin_name: str, run: str | None, tag: str) -> dict[str, Any]:
+        """``{run: last TensorDatum}`` of ``tag`` (one run, or all)."""
+        rtf = provider.RunTagFilter(runs=None if run is None else [run], tags=[tag])
+        data = self.provider.read_tensors(
+            self.ctx, experiment_id=self.eid, plugin_name=plugin_name, downsample=1, run_tag_filter=rtf
+        )
+        return {r: points[-1] for r, by_tag in data.items() for points in by_tag.values() if points}
+
+    def metadata_runs(self) -> set[str]:
+        listing = self.provider.list_tensors(self.ctx, experiment_id=self.eid, plugin_name=tags.PLUGIN_NAME)
+        return {run for run, by_tag in listing.items() if tags.RUN_METADATA_TAG in by_tag}
+
+    def text(self, run: str, tag: str) -> list[tuple[int, str]]:
+        """``(step, text)`` of ``tag`` or of ``tag/...``: torch's ``add_text`` appends ``/text_summary``."""
+        rtf = provider.RunTagFilter(runs=[run])
+        listing = self.provider.list_tensors(
+            self.ctx, experiment_id=self.eid, plugin_name=TEXT_PLUGIN, run_tag_filter=rtf
+        )
+        names = [t for t in listing.get(run, {}) if t == tag or t.startswith(f"{tag}/")]
+        if not names:
+            return []
+        data = self.provider.read_tensors(
+            self.ctx,
+            experiment_id=self.eid,
+            plugin_name=TEXT_PLUGIN,
+            downsample=100,
+            run_tag_filter=provider.RunTagFilter(runs=[run], tags=names),
+        )
+        out = []
+        for datum in sorted((d for t in names for d in data.get(run, {}).get(t, [])), key=lambda d: d.step):
+            array = datum.numpy
+            items = array.reshape(-1).tolist() if array.ndim else [array.item()]
+            out.append((datum.step, "\n\n".join(x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in items)))
+        return out
+
+
+def _is_monitor_tag(tag: str) -> bool:
+    return tag.startswith(tuple(f"{m}/" for m in HEATMAP_METRICS))
+
+
+class ParamMonitorPlugin(base_plugin.TBPlugin):
+    """The PARAM MONITOR tab (``plugin_name`` = ``param_monitor``)."""
+
+    plugin_name = tags.PLUGIN_NAME
+
+    def __init__(self, context: base_plugin.TBContext) -> None:
+        self._provider = context.data_provider
+
+    # -- what TensorBoard asks of a plugin ------------------------------------------------
+    def get_plugin_apps(self) -> dict[str, Callable[..., Any]]:
+        return {
+            "/index.js": self._serve_index,
+            "/static/*": self._serve_static,
+            "/plotly.min.js": self._serve_plotly,
+            "/runs": self._serve_runs,
+            "/run": self._with_run(self._run_info),
+            "/shared": self._with_run(self._shared),
+            "/heatmap": self._with_run(self._heatmap),
+            "/series": self._with_run(self._series),
+        }
+
+    def is_active(self) -> bool:
+        return False  # active through data_plugin_names(): the runs holding the monitor's metadata
+
+    def data_plugin_names(self) -> tuple[str, ...]:
+        return (tags.PLUGIN_NAME,)
+
+    def frontend_metadata(self) -> base_plugin.FrontendMetadata:
+        return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Param Monitor", disable_reload=True)
+
+    # -- static files ---------------------------------------------------------------------
+    @Request.application
+    def _serve_index(self, request: Request) -> Response:
+        return http_util.Respond(request, (STATIC_DIR / "index.js").read_bytes(), "text/javascript")
+
+    @Request.application
+    def _serve_static(self, request: Request) -> Response:
+        name = request.path.rsplit("/static/", 1)[-1]
+        if name not in STATIC_FILES:  # a fixed list: no path from the request reaches the disk
+            return _not_found(request, f"no static file {name!r}")
+        return http_util.Respond(request, (STATIC_DIR / name).read_bytes(), STATIC_FILES[name])
+
+    @Request.application
+    def _serve_plotly(self, request: Request) -> Response:
+        data = _plotly_gzipped()
+        if data is None:
+            return _not_found(request, "plotly is not installed (pip install 'plotly>=6,<7')")
+        return http_util.Respond(request, data, "text/javascript", content_encoding="gzip", expires=86400)
+
+    # -- data -----------------------------------------------------------------------------
+    @Request.application
+    def _serve_runs(self, request: Request) -> Response:
+        reader = _Reader(self._provider, request)
+        with_metadata = reader.metadata_runs()
+        runs = set(with_metadata) | {r for r, t in reader.scalar_tags().items() if any(map(_is_monitor_tag, t))}
+        return _json(request, {"runs": [{"name": r, "metadata": r in with_metadata} for r in sorted(runs)]})
+
+    def _with_run(self, handler: Callable[[_Reader, str, Request], Any]) -> Callable[..., Any]:
+        """A route for one run: 404 unless the run is one that ``/runs`` lists."""
+
+        @Request.application
+        def serve(request: Request) -> Response:
+            run = request.args.get("run")
+            if run is None:
+                return http_util.Respond(request, "param_monitor: missing ?run=", "text/plain", code=400)
+            reader = _Reader(self._provider, request)
+            tag_names = reader.scalar_tags(run).get(run, [])
+            if run not in reader.metadata_runs() and not any(map(_is_monitor_tag, tag_names)):
+                return _not_found(request, f"no param_monitor data for run {run!r}")
+            payload = handler(reader, run, request)
+            if isinstance(payload, Response):
+                return payload
+            return _json(request, payload)
+
+        return serve
+
+    def _metadata(self, reader: _Reader, run: str) -> dict[str, Any] | None:
+        datum = reader.last_tensor(tags.PLUGIN_NAME, run, tags.RUN_METADATA_TAG).get(run)
+        if datum is None:
+            return None
+        return parse_run_metadata(datum.numpy.item())
+
+    def _structure(self, reader: _Reader, run: str) -> tuple[dict[str, Any] | None, list[str]]:
+        meta = self._metadata(reader, run)
+        return meta, [p["name"] for p in meta["parameters"]] if meta else []
+
+    def _run_info(self, reader: _Reader, run: str, request: Request) -> dict[str, Any]:
+        meta, order = self._structure(reader, run)
+        tag_names = reader.scalar_tags(run).get(run, [])
+        rows = {m: model_order(_suffixes(tag_names, m), order) for m in ROW_METRICS}
+        nonfinite = reader.text(run, tags.NONFINITE_TAG)
+        return {
+            "run": run,
+            "parameters": meta["parameters"] if meta else [],
+            "shared": meta["shared"] if meta else _shared_from_tags(tag_names),
+            "rows": rows,
+            "nonfinite": [{"step": s, "html": plugin_util.markdown_to_safe_html(md)} for s, md in nonfinite],
+        }
+
+    def _shared(self, reader: _Reader, run: str, request: Request) -> dict[str, Any]:
+        meta, _ = self._structure(reader, run)
+        tag_names = set(reader.scalar_tags(run).get(run, []))
+        shared = meta["shared"] if meta else _shared_from_tags(tag_names)
+        return {
+            "run": run,
+            "shared": [_shared_view(reader, run, name, sites, tag_names) for name, sites in shared.items()],
+        }
+
+    def _heatmap(self, reader: _Reader, run: str, request: Request) -> dict[str, Any] | Response:
+        metric = request.args.get("metric", tags.GRAD_NORM)
+        if metric not in ROW_METRICS:
+            return http_util.Respond(request, f"param_monitor: unknown metric {metric!r}", "text/plain", code=400)
+        _, order = self._structure(reader, run)
+        names = model_order(_suffixes(reader.scalar_tags(run).get(run, []), metric), order)
+        data = reader.scalars(run, [f"{metric}/{n}" for n in names])
+        rows = {n: data.get(f"{metric}/{n}", {}) for n in names}
+        steps, values, sources = bin_rows(rows, MAX_COLUMNS)
+        return {"run": run, "metric": metric, "rows": names, "steps": steps, "values": values, "cell_steps": sources}
+
+    def _series(self, reader: _Reader, run: str, request: Request) -> dict[str, Any]:
+        name = request.args.get("name", "")
+        wanted = [f"{m}/{name}" for m in ROW_METRICS]
+        data = reader.scalars(run, [t for t in wanted if t in set(reader.scalar_tags(run).get(run, []))])
+        out = {}
+        for tag, points in data.items():
+            steps = sorted(points)
+            keep = evenly_spaced(len(steps), MAX_LINE_POINTS)
+            out[tag.partition("/")[0]] = {"steps": [steps[i] for i in keep], "values": [points[steps[i]] for i in keep]}
+        return {"run": run, "name": name, "series": out}
+
+
+def _suffixes(tag_names: Iterable[str], metric: str) -> list[str]:
+    prefix = f"{metric}/"
+    return [t[len(prefix) :] for t in tag_names if t.startswith(prefix)]
+
+
+def _shared_from_tags(tag_names: Iterable[str]) -> dict[str, list[str]]:
+    """Shared parameters and sites from ``shared_grad/{name}/{site}`` tags (runs without metadata)."""
+    shared: dict[str, list[str]] = {}
+    for tag in sorted(tag_names):
+        if tag.startswith(f"{tags.SHARED_GRAD}/"):
+            name, site = tags.split_shared(tag)
+            shared.setdefault(name, []).append(site)
+    return shared
+
+
+def _shared_view(reader: _Reader, run: str, name: str, sites: Sequence[str], tag_names: set[str]) -> dict[str, Any]:
+    """One shared parameter's stack and checks, on the steps where its gradient norm was logged."""
+    wanted = {
+        "grad_norm": tags.grad_norm(name),
+        "cosine": tags.shared_grad_cosine(name),
+        "error": tags.shared_grad_error(name),
+        **{f"share:{s}": tags.shared_grad_share(name, s) for s in sites},
+        **{f"use:{s}": tags.shared_grad(name, s) for s in sites},
+    }
+    present = {key: tag for key, tag in wanted.items() if tag in tag_names}
+    data = reader.scalars(run, list(present.values()))
+    series = {key: data.get(tag, {}) for key, tag in present.items()}
+    grad = series.get("grad_norm", {})
+    all_steps = sorted(grad)
+    steps = [all_steps[i] for i in evenly_spaced(len(all_steps), MAX_LINE_POINTS)]
+
+    def column(key: str) -> list[float | None] | None:
+        return [series[key].get(s) for s in steps] if key in series else None
+
+    has_shares = all(f"share:{s}" in series for s in sites)
+    stack = {}
+    if has_shares:  # share × grad_norm: the uses add up to the norm (the shares sum to 1)
+        for s in sites:
+            share = series[f"share:{s}"]
+            stack[s] = [_product(share.get(step), grad[step]) for step in steps]
+    return {
+        "name": name,
+        "sites": list(sites),
+        "steps": steps,
+        "grad_norm": [grad[s] for s in steps],
+        "share": {s: column(f"share:{s}") for s in sites} if has_shares else None,
+        "stack": stack or None,
+        "use_norm": {s: column(f"use:{s}") for s in sites},
+        "cosine": column("cosine"),
+        "error": column("error"),
+    }
+
+
+def _product(share: float | None, norm: float) -> float | None:
+    return None if share is None else share * norm
+
+
+@cache
+def _plotly_gzipped() -> bytes | None:
+    """plotly.js from the installed ``plotly`` package (never a copy in this repository), gzipped once."""
+    spec = importlib.util.find_spec("plotly")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "package_data" / "plotly.min.js"
+    return gzip.compress(path.read_bytes(), compresslevel=6) if path.is_file() else None

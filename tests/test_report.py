@@ -1,0 +1,136 @@
+"""The static report (``python -m param_monitor.report``), on event files written here in the monitor's tag schema."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from param_monitor import report
+from param_monitor.report import Series, plot_summary, read_scalars, shared_sites, summary_figure
+from param_monitor.table import ParameterInfo
+from param_monitor.tensorboard_plugin.metadata import write_run_metadata
+
+NAME = "model.net.3.weight"
+SITES = ("model.net.3", "model.net.6")
+STEPS = (0, 50, 100)
+# Values exact in float32, so reading back must return them unchanged.
+USE_3, USE_6 = (0.5, 0.25, 0.125), (1.5, 0.75, 0.375)
+# shares of the gradient (sum 1; a negative one: a use pulling against the other), and its norm
+SHARE_3, SHARE_6 = (0.25, -0.5, 0.75), (0.75, 1.5, 0.25)
+GRAD = (2.0, 1.0, 0.5)
+
+
+@pytest.fixture
+def schema_run(tmp_path: Path) -> Path:
+    """A log dir holding one event file with the monitor's tags, and a second (subdir) with metrics."""
+    writer = SummaryWriter(str(tmp_path))
+    for i, step in enumerate(STEPS):
+        writer.add_scalar(f"weight_mean/{NAME}", 0.25 * i, step)
+        writer.add_scalar("weight_mean/model.net.1.weight", -0.5, step)
+        writer.add_scalar(f"grad_norm/{NAME}", GRAD[i], step)
+        writer.add_scalar(f"shared_grad_share/{NAME}/{SITES[0]}", SHARE_3[i], step)
+        writer.add_scalar(f"shared_grad_share/{NAME}/{SITES[1]}", SHARE_6[i], step)
+        writer.add_scalar("grad_norm_total", 4.0, step)
+        writer.add_scalar(f"shared_grad/{NAME}/{SITES[0]}", USE_3[i], step)
+        writer.add_scalar(f"shared_grad/{NAME}/{SITES[1]}", USE_6[i], step)
+        writer.add_scalar(f"shared_grad_error/{NAME}", 0.0, step)
+    writer.close()
+    metrics = SummaryWriter(str(tmp_path / "metrics"))
+    metrics.add_scalar("val_acc", 0.75, 100)
+    metrics.close()
+    return tmp_path
+
+
+def test_read_scalars_returns_every_point(schema_run: Path) -> None:
+    series = read_scalars(schema_run)
+    assert series[f"shared_grad/{NAME}/{SITES[1]}"] == Series(list(STEPS), list(USE_6))
+    assert series["val_acc"] == Series([100], [0.75])  # from the event file in the subdirectory
+    assert series[f"weight_mean/{NAME}"].values == [0.0, 0.25, 0.5]
+
+
+def test_shared_sites_parses_name_and_site(schema_run: Path) -> None:
+    sites = shared_sites(read_scalars(schema_run))
+    assert list(sites) == [NAME] and list(sites[NAME]) == list(SITES)
+    assert sites[NAME][SITES[0]].values == list(USE_3)
+
+
+def test_summary_figure_panels(schema_run: Path) -> None:
+    fig = summary_figure(read_scalars(schema_run))
+    weights, grads, shared, metrics, stack, heatmap, _colorbar = fig.axes
+    assert {line.get_label() for line in weights.get_lines()} == {NAME, "model.net.1.weight"}
+    assert {line.get_label() for line in grads.get_lines()} == {NAME}  # grad_norm_total is not a layer
+    lines = {line.get_label(): list(line.get_ydata()) for line in shared.get_lines()}
+    assert lines == {
+        f"{NAME} @ {SITES[0]}": list(USE_3),
+        f"{NAME} @ {SITES[1]}": list(USE_6),
+        f"{NAME} total": list(GRAD),
+    }
+    assert [line.get_label() for line in metrics.get_lines()] == ["val_acc"]
+    plt.close(fig)
+
+
+def test_plot_summary_writes_png(schema_run: Path) -> None:
+    out = plot_summary(schema_run)
+    assert out == schema_run / "summary.png"
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_plot_without_monitor_tags(tmp_path: Path) -> None:
+    writer = SummaryWriter(str(tmp_path))
+    writer.add_scalar("train_loss", 2.0, 0)
+    writer.close()
+    fig = summary_figure(read_scalars(tmp_path))
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert texts == [report.NO_MONITOR] * 2 + [report.NO_SHARED, report.NO_SHARES, report.NO_MONITOR]
+    assert len(fig.axes[3].get_lines()) == 1
+    plt.close(fig)
+
+
+def test_share_stack_adds_up_to_the_gradient_norm(schema_run: Path) -> None:
+    steps, stack = report.share_stack(read_scalars(schema_run), NAME)
+    assert steps == list(STEPS) and list(stack) == list(SITES)
+    assert stack[SITES[0]] == [s * g for s, g in zip(SHARE_3, GRAD, strict=True)]  # -0.5: below zero
+    assert [a + b for a, b in zip(stack[SITES[0]], stack[SITES[1]], strict=True)] == list(GRAD)
+    fig = summary_figure(read_scalars(schema_run))
+    polygons = fig.axes[4].collections  # one filled band per use
+    assert len(polygons) == 2 and len({tuple(p.get_facecolor()[0]) for p in polygons}) == 2
+    plt.close(fig)
+
+
+def test_heatmap_rows_follow_the_model_order_of_the_metadata(tmp_path: Path) -> None:
+    """Tags written in another order than the model's: the metadata's order wins; a NaN is marked."""
+    names = ["net.0.weight", "net.0.bias", "net.3.weight", "net.9.weight"]
+    writer = SummaryWriter(str(tmp_path))
+    rows = [ParameterInfo(n, (2,), 2, True, ("net.6.weight",) if n == "net.3.weight" else ()) for n in names]
+    write_run_metadata(writer, rows, {"net.3.weight": ["net.3", "net.6"]}, step=0)
+    for step in range(3):
+        for n in reversed(names):
+            value = math.nan if (n, step) == ("net.3.weight", 2) else 0.0 if n == "net.9.weight" else 10.0**step
+            writer.add_scalar(f"grad_norm/{n}", value, step)
+    writer.close()
+    run = report.read_run(tmp_path)
+    assert run.parameters == names and run.aliases == {"net.3.weight": ["net.6.weight"]}
+    rows_out, steps, matrix = report.gradient_flow(run)
+    assert rows_out == names and steps == [0, 1, 2]
+    assert matrix[0].tolist() == [1.0, 10.0, 100.0] and math.isnan(matrix[2, 2]) and matrix[3].tolist() == [0.0] * 3
+    fig = summary_figure(run)
+    heatmap = fig.axes[5]
+    assert [t.get_text() for t in heatmap.get_yticklabels()][2] == "net.3.weight (= net.6.weight)"
+    special = heatmap.get_images()[1].get_array()
+    assert special[2, 2] == 1.0 and special[3].tolist() == [0.0] * 3  # NaN magenta, zeros black
+    assert np.ma.count(special) == 4  # and nothing else marked
+    plt.close(fig)
+
+
+def test_cli_writes_the_png(schema_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out" / "report.png"
+    assert report.main([str(schema_run), "--out", str(out)]) == out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(out) in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "empty")])
