@@ -49,24 +49,26 @@ class ParameterMonitor(Callback):
     Logged keys (``{name}`` is the parameter's first name in the LightningModule's
     ``named_parameters()``, ``{site}`` the module path of one use):
 
-    ================================  ===============================================================
-    ``weight_mean/{name}``            mean of the parameter's values
-    ``weight_norm/{name}``            L2 norm of the values
-    ``grad_norm/{name}``              L2 norm of the gradient the optimizer steps on (unscaled,
-                                      fully accumulated, before clipping)
-    ``grad_norm_total``               L2 norm over all unique monitored parameters (tied tensors once);
-                                      with several optimizers, ``grad_norm_total/optimizer_{i}``
-                                      per optimizer, each at its own ``optimizer.step()``
-    ``shared_grad/{name}/{site}``     L2 norm of the contribution of ONE use of a shared parameter
-    ``shared_grad_error/{name}``      ``‖Σ_sites contribution − grad‖ / ‖grad‖`` (≈1e-7 when every
-                                      use is seen)
-    ``shared_grad_cosine/{name}``     mean pairwise cosine between the uses' contributions
-    ``update_ratio/{name}``           ``‖w_after − w_before‖ / ‖w_before‖`` of the optimizer step the
-                                      logging step takes (``log_update_ratio=True``; per module with
-                                      ``aggregate_depth``); nothing for a step GradScaler skips
-    ``dead_units/{name}``             Linear/Conv weights: fraction of output units (rows) whose
-                                      gradient row is exactly zero on this batch (``log_dead_units=True``)
-    ================================  ===============================================================
+    ======================================  =========================================================
+    ``weight_mean/{name}``                  mean of the parameter's values
+    ``weight_norm/{name}``                  L2 norm of the values
+    ``grad_norm/{name}``                    L2 norm of the gradient the optimizer steps on (unscaled,
+                                            fully accumulated, before clipping)
+    ``grad_norm_total``                     L2 norm over all unique monitored parameters (tied tensors once);
+                                            with several optimizers, ``grad_norm_total/optimizer_{i}``
+                                            per optimizer, each at its own ``optimizer.step()``
+    ``shared_grad/{name}/{site}``           L2 norm of the contribution of ONE use of a shared parameter
+    ``shared_grad_share/{name}/{site}``     that use's share ``<c_site, S> / ‖S‖²`` (S: the sum of the
+                                            uses); the shares add up to 1, negative: pulling against
+    ``shared_grad_error/{name}``            ``‖Σ_sites contribution − grad‖ / ‖grad‖`` (≈1e-7 when every
+                                            use is seen)
+    ``shared_grad_cosine/{name}``           mean pairwise cosine between the uses' contributions
+    ``update_ratio/{name}``                 ``‖w_after − w_before‖ / ‖w_before‖`` of the optimizer step the
+                                            logging step takes (``log_update_ratio=True``; per module with
+                                            ``aggregate_depth``); nothing for a step GradScaler skips
+    ``dead_units/{name}``                   Linear/Conv weights: fraction of output units (rows) whose
+                                            gradient row is exactly zero on this batch (``log_dead_units=True``)
+    ======================================  =========================================================
 
     With ``aggregate_depth=k`` the ``weight_*`` and ``grad_norm`` keys name MODULES instead of
     tensors: ``{name}`` becomes the first ``k`` components of the parameter's module path
