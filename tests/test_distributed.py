@@ -36,7 +36,7 @@ from param_monitor import ParameterMonitor, ParameterWatcher
 from param_monitor._lightning import step_label
 from param_monitor.distributed import reduction_group
 from param_monitor.stats import finalize, module_group, pack
-from tests.conftest import read_scalars
+from tests.helpers.events import read_scalars
 
 TOL = 1e-5
 WORLD = 2

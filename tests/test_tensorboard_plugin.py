@@ -25,7 +25,7 @@ from param_monitor import tags
 from param_monitor.tensorboard_plugin import plugin
 from param_monitor.tensorboard_plugin.metadata import parse_run_metadata
 from param_monitor.writers import write_scalars
-from tests.conftest import load_events, read_scalars
+from tests.helpers.events import load_events, read_scalars
 
 PREFIX = "/data/plugin/param_monitor"
 TINY, NAN_RUN, PLAIN = "tiny_shared/version_0", "nan_run/version_0", "plain"

@@ -53,7 +53,7 @@ from plugin_runs import (
 )
 
 from param_monitor.table import parameter_table
-from tests.conftest import read_scalars
+from tests.helpers.events import read_scalars
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, requires_browser]
 

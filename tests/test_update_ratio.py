@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from param_monitor import ParameterMonitor
 from param_monitor.update_ratio import UpdateRatio
-from tests.conftest import read_scalars
+from tests.helpers.events import read_scalars
 
 TOL = 1e-5
 

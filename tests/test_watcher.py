@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from param_monitor import ParameterMonitor, ParameterWatcher
-from tests.conftest import read_scalars
+from tests.helpers.events import read_scalars
 
 
 def plain_step(watcher: ParameterWatcher, model: nn.Module, loss_fn) -> dict[str, float]:  # noqa: ANN001
@@ -98,11 +98,8 @@ class Tiny(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def fit_tiny(tmp_path: Path, kind: str, precision: str = "32-true") -> tuple[Tiny, dict[str, dict[int, float]]]:
-    torch.manual_seed(0)
-    module = Tiny(kind)
-    data = DataLoader(TensorDataset(torch.randint(0, 10, (24,)), torch.randn(24, 1).double()), batch_size=8)
-    trainer = pl.Trainer(
+def tiny_trainer(tmp_path: Path, precision: str = "32-true") -> pl.Trainer:
+    return pl.Trainer(
         max_steps=3,
         log_every_n_steps=1,
         logger=TensorBoardLogger(str(tmp_path), name="tb"),
@@ -114,6 +111,13 @@ def fit_tiny(tmp_path: Path, kind: str, precision: str = "32-true") -> tuple[Tin
         accelerator="cpu",
         devices=1,
     )
+
+
+def fit_tiny(tmp_path: Path, kind: str, precision: str = "32-true") -> tuple[Tiny, dict[str, dict[int, float]]]:
+    torch.manual_seed(0)
+    module = Tiny(kind)
+    data = DataLoader(TensorDataset(torch.randint(0, 10, (24,)), torch.randn(24, 1).double()), batch_size=8)
+    trainer = tiny_trainer(tmp_path, precision)
     trainer.fit(module, data)
     return module, read_scalars(trainer.logger.log_dir)
 
@@ -170,17 +174,7 @@ def test_a_copy_of_the_model_on_a_logging_step_carries_nothing_and_nothing_outli
 
     module = Copying("plain")
     data = DataLoader(TensorDataset(torch.randint(0, 10, (24,)), torch.randn(24, 1)), batch_size=8)
-    trainer = pl.Trainer(
-        max_steps=3,
-        log_every_n_steps=1,
-        logger=TensorBoardLogger(str(tmp_path), name="tb"),
-        callbacks=[ParameterMonitor()],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    trainer = tiny_trainer(tmp_path)
     with pytest.raises(RuntimeError, match="boom"):
         trainer.fit(module, data)
     assert len(copies) == 3 and all(b"param_monitor" not in c for c in copies)
