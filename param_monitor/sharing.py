@@ -156,6 +156,7 @@ class SharedUseTracker:
         self._shared_seen: set[int] = set()
         self._last_shared: set[int] = set()
         self._opaque: dict[str, str] = {}  # opaque node kind -> why its uses cannot be seen
+        self._failed: dict[int, str] = {}  # parameters whose use could not be recorded in backward
         self._walked = False
 
     # -- life cycle -------------------------------------------------------------------------
@@ -173,6 +174,7 @@ class SharedUseTracker:
         self._sites_seen = {}
         self._shared_seen = set()
         self._opaque = {}
+        self._failed = {}
         self._walked = False
         self._reset_forward()
         module_hooks = torch.nn.modules.module
@@ -221,7 +223,7 @@ class SharedUseTracker:
         order = self._site_order
         out: dict[str, dict[str, Tensor]] = {}
         for pid, state in self._states.items():
-            if state.buffers and self._param_of[pid].grad is not None:  # None: reset since (zero_grad)
+            if state.buffers and self._param_of[pid].grad is not None and pid not in self._failed:
                 out[self._name_of[pid]] = dict(sorted(state.buffers.items(), key=lambda item: order.get(item[0], -1)))
         return out
 
@@ -237,14 +239,14 @@ class SharedUseTracker:
         may use can be shared without the walk seeing it. Parameters split anyway are reported,
         their ``shared_grad_error`` showing what was not seen.
         """
+        out = {self._name_of[pid]: why for pid, why in self._failed.items()}
         if not self._opaque:
-            return {}
+            return out
         why = "; ".join(self._opaque.values())
-        return {
-            self._name_of[pid]: why
-            for pid, param in self._param_of.items()
-            if param.grad is not None and not (pid in self._states and self._states[pid].buffers)
-        }
+        for pid, param in self._param_of.items():
+            if param.grad is not None and not (pid in self._states and self._states[pid].buffers):
+                out.setdefault(self._name_of[pid], why)
+        return out
 
     def call_sites(self) -> dict[str, list[str]]:
         """Sites of every monitored parameter in the last tracked step (for the table)."""
@@ -429,30 +431,39 @@ class SharedUseTracker:
         return True
 
     def _on_node_grad(self, grad_inputs: tuple[Tensor | None, ...], grad_outputs: Any, targets: list) -> None:
+        # runs inside the user's backward: whatever goes wrong here must not break training
         for use, site in targets:
-            grad = grad_inputs[use.slot]
+            try:
+                self._record_use(use, site, grad_inputs)
+            except Exception as error:  # noqa: BLE001 - reported as unattributed, never raised in backward
+                self._failed.setdefault(use.pid, f"its gradient could not be read in backward: {error}")
+                self._states.pop(use.pid, None)
+
+    def _record_use(self, use: _Use, site: str, grad_inputs: tuple[Tensor | None, ...]) -> None:
+        if use.pid in self._failed:
+            return
+        grad = grad_inputs[use.slot]
+        if grad is None:
+            return
+        for node, index in use.chain:
+            out = node(grad)
+            grad = out[index] if isinstance(out, tuple) else out
             if grad is None:
-                continue
-            for node, index in use.chain:
-                out = node(grad)
-                grad = out[index] if isinstance(out, tuple) else out
-                if grad is None:
-                    break
-            if grad is None:
-                continue
-            state = self._states[use.pid]
-            held = state.buffers.get(site)
-            if held is None:
-                # Keep autograd's own tensor, no copy: autograd sees our reference (its use count)
-                # and neither steals it for `.grad` nor accumulates into it in place.
-                state.buffers[site] = _held(grad, self._param_of[use.pid])
-            elif site in state.owned:
-                held.add_(grad.to_dense() if grad.is_sparse else grad)
-            else:  # a second micro-batch: from now on an accumulation buffer of our own
-                state.buffers[site] = _buffer_like(held, self._param_of[use.pid]).add_(
-                    grad.to_dense() if grad.is_sparse else grad
-                )
-                state.owned.add(site)
+                return
+        state = self._states.setdefault(use.pid, _ParamState())
+        held = state.buffers.get(site)
+        if held is None:
+            # Keep autograd's own tensor, no copy: autograd sees our reference (its use count)
+            # and neither steals it for `.grad` nor accumulates into it in place.
+            state.buffers[site] = _held(grad, self._param_of[use.pid])
+        elif site in state.owned:
+            held.add_(grad.to_dense() if grad.is_sparse else grad)
+        else:  # a second micro-batch: from now on an accumulation buffer of our own
+            state.buffers[site] = _buffer_like(held, self._param_of[use.pid]).add_(
+                grad.to_dense() if grad.is_sparse else grad
+            )
+            state.owned.add(site)
+
 
 def _tensors(obj: Any) -> list[Tensor]:
     if isinstance(obj, Tensor):
@@ -462,9 +473,7 @@ def _tensors(obj: Any) -> list[Tensor]:
     return []
 
 
-def _walk(
-    roots: list[Node], tracked: set[int]
-) -> tuple[dict[Node, list[tuple[Node, int]]], dict[Node, int], set[str]]:
+def _walk(roots: list[Node], tracked: set[int]) -> tuple[dict[Node, list[tuple[Node, int]]], dict[Node, int], set[str]]:
     """Every edge below ``roots`` as ``{node: [(consumer, slot), ...]}``, the accumulators of the
     ``tracked`` parameters (``{AccumulateGrad node: id(parameter)}``), and the opaque node kinds seen."""
     incoming: dict[Node, list[tuple[Node, int]]] = {}
@@ -517,20 +526,41 @@ def _split(
     return [(node, slot, chain, node._sequence_nr())]
 
 
-def _pass_through(node: Node) -> bool:
-    """Whether ``node`` computes a value of the parameter alone (a cast, view, transpose, ``w * 2``).
+# Nodes that compute a value of their one input alone, save no tensor, and have one output: casts,
+# views, transposes, scalar scaling. On a chain up from a parameter's accumulator they compute a
+# value of the parameter alone, so a branching above them is several uses of that one value, and
+# applying them maps a branch's gradient down to the parameter. A node that also reads an
+# activation (mm, embedding, cat, ...) is a use itself: its output branching is not the parameter's.
+_PASS_THROUGH_NODES = frozenset(
+    {
+        "ToCopyBackward0",
+        "TBackward0",
+        "TransposeBackward0",
+        "TransposeBackward1",
+        "PermuteBackward0",
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "UnsqueezeBackward0",
+        "SqueezeBackward0",
+        "SqueezeBackward1",
+        "SqueezeBackward2",
+        "SqueezeBackward3",
+        "SqueezeBackward4",
+        "AliasBackward0",
+        "CloneBackward0",
+        "NegBackward0",
+        "MulBackward1",  # by a Python scalar
+        "DivBackward1",
+        "AddBackward1",
+        "SubBackward1",
+    }
+)
 
-    Such a node has one input with a gradient and one output, and is implemented in C++, so that
-    applying it to one branch's gradient maps that branch down to the parameter.
-    """
-    if isinstance(node, torch.autograd.function.BackwardCFunction):
-        return False
-    if sum(nxt is not None for nxt, _ in node.next_functions) != 1:
-        return False
-    try:
-        return len(node._input_metadata) == 1
-    except (AttributeError, RuntimeError):
-        return False
+
+def _pass_through(node: Node) -> bool:
+    """Whether ``node`` computes a value of the parameter alone (a cast, view, transpose, ``w * 2``)."""
+    return type(node).__name__ in _PASS_THROUGH_NODES and sum(nxt is not None for nxt, _ in node.next_functions) == 1
 
 
 def _buffer_like(grad: Tensor, param: Tensor) -> Tensor:
@@ -542,8 +572,13 @@ def _buffer_like(grad: Tensor, param: Tensor) -> Tensor:
 
 
 def _held(grad: Tensor, param: Tensor) -> Tensor:
-    """The first contribution of a use, as autograd made it (read-only for us), densified if sparse."""
-    return grad.to_dense() if grad.is_sparse else grad.detach()
+    """The first contribution of a use, as autograd made it (read-only for us), densified if sparse.
+
+    The very tensor object, not a ``detach()`` alias: AccumulateGrad counts references to that
+    object before stealing it for ``.grad``; an alias would not count, and ``.grad`` would then
+    share our memory (and a later ``unscale_`` or micro-batch would rewrite it).
+    """
+    return grad.to_dense() if grad.is_sparse else grad
 
 
 def _sequential_parent(paths: list[str], modules_at: dict[str, nn.Module]) -> int | None:

@@ -200,19 +200,70 @@ def test_parameter_list_expert_used_twice_in_one_call() -> None:
 
 
 def test_derived_weight_through_functional_call_is_split_per_use() -> None:
-    # w * 2 is computed once and used by two calls: the walk looks through the Mul to the branches
+    # a cast of the weight computed once and used by two calls: the walk looks through the cast
     torch.manual_seed(0)
-    lin, x = nn.Linear(4, 4), torch.randn(3, 4)
+    lin, x = nn.Linear(4, 4), torch.randn(3, 4, dtype=torch.float64)
 
     def loss() -> torch.Tensor:
-        derived = {"weight": lin.weight * 2, "bias": lin.bias}
+        derived = {"weight": lin.weight.to(torch.float64), "bias": lin.bias.to(torch.float64)}
         return functional_call(lin, derived, (torch.tanh(functional_call(lin, derived, (x,))),)).pow(2).sum()
 
     got, _ = tracked_step(lin, loss)
     w = {f"{ROOT_SITE}#{k}": copies(params_of(lin)) for k in range(2)}
-    h = torch.tanh(F.linear(x, w[f"{ROOT_SITE}#0"]["weight"] * 2, w[f"{ROOT_SITE}#0"]["bias"]))
-    out = F.linear(h, w[f"{ROOT_SITE}#1"]["weight"] * 2, w[f"{ROOT_SITE}#1"]["bias"])
+    first, second = w[f"{ROOT_SITE}#0"], w[f"{ROOT_SITE}#1"]
+    h = torch.tanh(F.linear(x, first["weight"].double(), first["bias"].double()))
+    out = F.linear(h, second["weight"].double(), second["bias"].double())
     assert_matches(got, oracle_grads(out.pow(2).sum(), w), lin)
+
+
+def test_a_weight_used_once_is_never_split_where_its_activations_branch() -> None:
+    # review: `x @ W.T` with an input that needs no gradient, then a residual branch, was taken for
+    # a value of W alone and split into invented sites
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(4, 4, bias=False)
+            self.f = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            return torch.tanh(h + self.f(h))
+
+    model = Residual()
+    got, tracker = tracked_step(model, lambda: model(torch.randn(3, 4)).pow(2).sum())
+    assert got == {} and tracker.shared_names() == []
+    assert tracker.call_sites()["inp.weight"] == ["inp"]
+
+
+def test_a_single_use_is_not_aliased_by_grad() -> None:
+    # review: holding a `detach()` alias let AccumulateGrad steal the same memory for `.grad`, so an
+    # in-place `unscale_` of `.grad` rewrote the recorded use
+    shared = nn.Linear(4, 4)
+    model = nn.Module()
+    model.a = model.b = shared  # registered twice (statically shared), called once
+    got, _ = tracked_step(model, lambda: model.a(torch.randn(3, 4)).pow(2).sum() * 1024)
+    use = got["a.weight"]["a"]
+    assert use.untyped_storage().data_ptr() != shared.weight.grad.untyped_storage().data_ptr()
+    before = use.clone()
+    shared.weight.grad.mul_(1 / 1024)
+    assert torch.equal(use, before)
+
+
+def test_a_derived_weight_under_checkpointing_never_breaks_backward() -> None:
+    # review: applying a node that saved tensors re-unpacked them under non-reentrant checkpointing
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 4))
+    model = nn.Module()
+    model.w = w
+    model.register_buffer("scale", torch.rand(4, 4))
+
+    def body(x: torch.Tensor) -> torch.Tensor:
+        w2 = w * model.scale
+        return torch.tanh(x @ w2) @ w2
+
+    got, _ = tracked_step(model, lambda: checkpoint(body, torch.randn(3, 4), use_reentrant=False).sum())
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+    assert "w" not in got or torch.allclose(sum(got["w"].values()), w.grad, atol=1e-6)
 
 
 def test_autocast_weight_cast_cache_is_looked_through() -> None:
