@@ -80,6 +80,7 @@ from param_monitor.parameters import parameter_aliases
 # ~5 us probe node); no public API exposes it. Without it, a probe node reads it.
 _peek_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
 
+_CALL = "\x1f"  # marks a site recorded as a module call's identity (module id, call index, parent id)
 ROOT_SITE = "<root>"
 OUTSIDE_SITE = "<outside>"
 EARLIER_SITE = "<earlier>"
@@ -153,6 +154,8 @@ class SharedUseTracker:
         self._sites_seen: dict[int, list[str]] = {}
         self._last_sites: dict[int, list[str]] = {}
         self._last_order: dict[str, int] = {}
+        self._max_calls: dict[int, int] = {}  # per module, its most calls in one forward of this step
+        self._last_max: dict[int, int] = {}
         self._shared_seen: set[int] = set()
         self._last_shared: set[int] = set()
         self._opaque: dict[str, str] = {}  # opaque node kind -> why its uses cannot be seen
@@ -172,6 +175,7 @@ class SharedUseTracker:
         self._states = {}
         self._site_order = {}
         self._sites_seen = {}
+        self._max_calls = {}
         self._shared_seen = set()
         self._opaque = {}
         self._failed = {}
@@ -195,6 +199,7 @@ class SharedUseTracker:
             self._last_sites = self._sites_seen
             self._last_shared = self._shared_seen
             self._last_order = self._site_order
+            self._last_max = self._max_calls
         self._reset_forward()
 
     @property
@@ -220,11 +225,15 @@ class SharedUseTracker:
         Parameters whose contributions cannot be attributed this step (see :meth:`unattributed`)
         are left out.
         """
-        order = self._site_order
+        order, counts = self._site_order, self._max_calls
         out: dict[str, dict[str, Tensor]] = {}
         for pid, state in self._states.items():
             if state.buffers and self._param_of[pid].grad is not None and pid not in self._failed:
-                out[self._name_of[pid]] = dict(sorted(state.buffers.items(), key=lambda item: order.get(item[0], -1)))
+                sites: dict[str, Tensor] = {}
+                for raw, t in sorted(state.buffers.items(), key=lambda item: order.get(item[0], -1)):
+                    site = self._final(raw, counts)
+                    sites[site] = sites[site] + t if site in sites else t  # one call reached two ways
+                out[self._name_of[pid]] = sites
         return out
 
     @property
@@ -252,7 +261,13 @@ class SharedUseTracker:
         """Sites of every monitored parameter in the last tracked step (for the table)."""
         seen = self._sites_seen if self._walked else self._last_sites
         order = self._site_order if self._walked else self._last_order
-        return {self._name_of[pid]: sorted(sites, key=lambda s: order.get(s, -1)) for pid, sites in seen.items()}
+        counts = self._max_calls if self._walked else self._last_max
+        return {
+            self._name_of[pid]: list(
+                dict.fromkeys(self._final(s, counts) for s in sorted(sites, key=lambda s: order.get(s, -1)))
+            )
+            for pid, sites in seen.items()
+        }
 
     def shared_names(self) -> list[str]:
         """Names of the parameters that were shared in the last tracked step."""
@@ -305,27 +320,37 @@ class SharedUseTracker:
         while i >= 0:
             call = calls[i]
             if call.start <= seq < call.end:
-                return self._call_label(call)
+                parent = call.parent.module_id if call.parent is not None else 0
+                return f"{_CALL}{call.module_id}{_CALL}{call.index}{_CALL}{parent}"
             i -= 1
         return OUTSIDE_SITE
 
-    def _call_label(self, call: _Call) -> str:
-        paths = self._paths[call.module_id]
-        n = self._n_calls.get(call.module_id, 0)
+    def _final(self, label: str, counts: dict[int, int]) -> str:
+        """The documented name of a use recorded as a module call's identity, from the step's final call counts.
+
+        Decided once the step's calls are all known, so that every backward pass of a batch (a GAN's
+        two steps) and every micro-batch names the same call alike.
+        """
+        if not label.startswith(_CALL):
+            return label
+        raw, colon, j = label.partition(":")
+        mid, k, parent = (int(v) for v in raw[1:].split(_CALL))
+        paths = self._paths[mid]
+        n = counts.get(mid, 0)
         if paths == [""]:
-            return ROOT_SITE if n == 1 else f"{ROOT_SITE}#{call.index}"
-        if n == 1:
-            return paths[0]
-        seq_parent = self._sequential_parent.get(call.module_id)
-        if (
-            seq_parent is not None
+            name = ROOT_SITE if n == 1 else f"{ROOT_SITE}#{k}"
+        elif n == 1:
+            name = paths[0]
+        elif (
+            (seq_parent := self._sequential_parent.get(mid)) is not None
             and len(paths) == n
-            and call.parent is not None
-            and call.parent.module_id == seq_parent
-            and self._n_calls.get(seq_parent, 0) == 1
+            and parent == seq_parent
+            and counts.get(seq_parent, 0) == 1
         ):
-            return paths[call.index]
-        return f"{paths[0]}#{call.index}"
+            name = paths[k]
+        else:
+            name = f"{paths[0]}#{k}"
+        return name + colon + j
 
     # -- the graph walk (once per backward pass of a tracked step) --------------------------------
     def before_backward(self, loss: Any) -> None:
@@ -339,6 +364,8 @@ class SharedUseTracker:
             handle.remove()
         self._node_handles = []
         self._starts = [c.start for c in self._calls]
+        for mid, n in self._n_calls.items():
+            self._max_calls[mid] = max(self._max_calls.get(mid, 0), n)
         incoming, accumulators, opaque = _walk(roots, self._trainable_ids())
         for kind in opaque:
             self._opaque.setdefault(kind, _OPAQUE_NODES[kind])
