@@ -11,15 +11,18 @@ never touched: nothing is put in its parameter slots or its hook dicts, so a ``d
 pickle of it carries nothing of the monitor, and its outputs and gradients are bit-identical.
 
 Where uses meet before the accumulator (autocast's weight-cast cache makes one ``ToCopyBackward0``
-for every use of a weight; ``w2 = w * 2`` used twice), the walk looks through single-output
-nodes to the point where the gradient path really branches, hooks each branch, and maps its
-gradient down to the parameter by applying the nodes in between (their backward is linear in
-the gradient): the uses are split where they happen.
+for every use of a weight; ``w.t()`` or ``w * 2`` used twice), the walk looks through casts,
+views, transposes and scalar scaling (nodes that read no other tensor and save none) to the point
+where the gradient path really branches, hooks each branch, and maps its gradient down to the
+parameter by applying the nodes in between (their backward is linear in the gradient). A hook
+that fails never breaks the backward: that parameter is reported as not attributable.
 
 Sites are named by module call. While tracking, global module forward hooks (installed on
 logging steps only, never on the model) record the window of autograd sequence numbers that
 each module call spans; a use belongs to the innermost module call whose window holds the node
-that consumed the parameter (``Node._sequence_nr()``):
+that consumed the parameter (``Node._sequence_nr()``). Names are decided from the step's final
+call counts (a use is recorded as the call's identity), so every backward pass and micro-batch
+of a step names a call alike:
 
 - a module called once in the forward pass: its (first) path (``lm_head``, ``transformer.wte``);
 - a module registered at k positions of one ``nn.Sequential`` (whose own forward runs them in
