@@ -11,8 +11,8 @@ never touched: nothing is put in its parameter slots or its hook dicts, so a ``d
 pickle of it carries nothing of the monitor, and its outputs and gradients are bit-identical.
 
 Where uses meet before the accumulator (autocast's weight-cast cache makes one ``ToCopyBackward0``
-for every use of a weight; ``w.t()`` or ``w * 2`` used twice), the walk looks through casts,
-views, transposes and scalar scaling (nodes that read no other tensor and save none) to the point
+for every use of a weight; ``w.t()`` used twice), the walk looks through casts,
+views and transposes (nodes that read no other tensor and save none) to the point
 where the gradient path really branches, hooks each branch, and maps its gradient down to the
 parameter by applying the nodes in between (their backward is linear in the gradient). A hook
 that fails never breaks the backward: that parameter is reported as not attributable.
@@ -557,7 +557,7 @@ def _split(
 
 
 # Nodes that compute a value of their one input alone, save no tensor, and have one output: casts,
-# views, transposes, scalar scaling. On a chain up from a parameter's accumulator they compute a
+# views, transposes, negation. On a chain up from a parameter's accumulator they compute a
 # value of the parameter alone, so a branching above them is several uses of that one value, and
 # applying them maps a branch's gradient down to the parameter. A node that also reads an
 # activation (mm, embedding, cat, ...) is a use itself: its output branching is not the parameter's.
@@ -589,7 +589,7 @@ _PASS_THROUGH_NODES = frozenset(
 
 
 def _pass_through(node: Node) -> bool:
-    """Whether ``node`` computes a value of the parameter alone (a cast, view, transpose, ``w * 2``)."""
+    """Whether ``node`` computes a value of the parameter alone (a cast, view, transpose, a negation)."""
     return type(node).__name__ in _PASS_THROUGH_NODES and sum(nxt is not None for nxt, _ in node.next_functions) == 1
 
 
