@@ -18,11 +18,12 @@ What is measured, and how to read it:
    code being measured, so it finds the caches at least as warm), and each ratio is the median over
    logged steps of (cost at that step / floor at that step): both sides see the same machine load.
 2. **Monitor's own time per logged step**: a wall-clock accumulator wraps the monitor's hook methods
-   (``ParameterMonitor.on_train_batch_start / on_before_optimizer_step / on_train_batch_end``) and the
-   shared-use tracker's forward pre/post hooks and gradient hooks (``SharedUseTracker._before_call /
-   _after_call / _on_use_grad``). Their sum per step is "the monitor's own code": statistics, the one
-   device->host transfer and the TensorBoard write; NOT PyTorch's C++ cost of dispatching the hooks
-   and of the extra view nodes in autograd (that part only shows in whole-step times). Indented rows
+   (``ParameterMonitor.on_train_batch_start / on_before_backward / on_after_backward /
+   on_before_optimizer_step / on_train_batch_end``) and the shared-use tracker's global module hooks
+   and graph-node hooks (``SharedUseTracker._before_call / _after_call / _on_node_grad``). Their sum
+   per step is "the monitor's own code": the graph walk, statistics, the one device->host transfer and
+   the TensorBoard write; NOT PyTorch's C++ cost of dispatching the hooks (that part only shows in
+   whole-step times). Indented rows
    break it down (``pack`` / ``to_host`` / ``finalize`` / ``write`` are parts of
    ``before_optimizer_step``). Targets: per-tensor statistics <= 1.5x floor; with shared-use
    tracking <= 2x floor; ~0 on steps that do not log (reported in microseconds).
@@ -90,7 +91,7 @@ MONITOR_HOOKS: list[Target] = [
     (SharedUseTracker, "_before_call", "forward_pre_hooks (global, module-call windows)"),
     (SharedUseTracker, "_after_call", "forward_post_hooks"),
     (ParameterMonitor, "on_before_backward", "before_backward (graph walk)"),
-    (SharedUseTracker, "_on_node_grad", "graph-node hooks (per-use copies)"),
+    (SharedUseTracker, "_on_node_grad", "graph-node hooks (per-use records)"),
     (ParameterMonitor, "on_after_backward", "after_backward"),
     (ParameterMonitor, "on_before_optimizer_step", "before_optimizer_step"),
     (ParameterMonitor, "on_train_batch_end", "batch_end"),

@@ -164,8 +164,7 @@ class ParameterMonitor(Callback):
         self._done_step: int | None = None  # the step whose once-per-step work is done
         self._written: set[str] = set()  # tags of that step already written (a parameter of two optimizers)
         self._summary_pending = self.log_summary
-        # the first step counts module calls (no views, no buffers): it names call sites and tells
-        # later logging steps which parameters are shared, so that only those get views
+        # the first step names the uses once (a graph walk, no buffers): the table's call sites
         self._count_calls_pending = True
         self._warned: set[str] = set()  # keys of the once-per-fit warnings already given
         self._nonfinite = NonFinitePolicy(self.raise_on_nonfinite)
@@ -267,7 +266,7 @@ class ParameterMonitor(Callback):
         logs = self._logs(step)
         if not (logs or self._summary_pending or self._count_calls_pending or self._histograms_due(step)):
             return
-        if not watcher.tracking:  # (with several optimizers tracking lasts the batch: views are out by now)
+        if not watcher.tracking:  # (with several optimizers tracking lasts the batch)
             self._sync_parameters(watcher, pl_module)
         if logs and not pl_module.automatic_optimization:
             self._accumulated_before = self._unstepped_batches > 0 and any(

@@ -95,7 +95,7 @@ class ParameterWatcher:
         self._lazy = [p for p in self.module.parameters() if isinstance(p, UninitializedParameter)]
         self.sharded = any(distributed.is_sharded(p) for _, p in self.named_params)
         if self.sharded and self.track_shared:
-            # FSDP swaps in unsharded parameters for each forward: the tracker's views never see them.
+            # FSDP swaps in unsharded parameters for each forward: the graph's accumulators are not theirs.
             distributed.warn_rank_zero(
                 "`param_monitor`: parameters are sharded (FSDP2/DTensor); per-use tracking of shared "
                 "parameters is switched off (per-tensor statistics still work, summed over the shards)."
