@@ -24,7 +24,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.optim import Optimizer
 
 from param_monitor import _lightning, distributed, stats, tags
+from param_monitor.compile import EagerStance, tracking_blocked
 from param_monitor.nonfinite import NonFiniteGradientError, NonFinitePolicy, NonFiniteReport
+from param_monitor.sharing import unseen_use_tolerance
 from param_monitor.table import format_markdown, parameter_table
 from param_monitor.tensorboard_plugin.metadata import write_run_metadata
 from param_monitor.update_ratio import UpdateRatio
@@ -37,8 +39,6 @@ __all__ = ["GRAD_HIST", "SUMMARY_TAG", "WEIGHT_HIST", "NonFiniteGradientError", 
 SUMMARY_TAG = tags.SUMMARY_TAG
 WEIGHT_HIST = tags.WEIGHT_HIST
 GRAD_HIST = tags.GRAD_HIST
-# Σ uses − grad is ~1e-7 in fp32 and ~1e-4 under fp16 autocast; a missed use is O(1).
-UNSEEN_USE_TOLERANCE = 1e-2
 
 Signature = tuple[tuple[str, int, type], ...]
 
@@ -114,6 +114,10 @@ class ParameterMonitor(Callback):
         log_update_ratio: log ``update_ratio/{name}``; copies the weights on logging steps only
             (one fused copy, freed after the step).
         log_dead_units: log ``dead_units/{name}`` (a per-batch measure: units silent for this batch).
+        eager_logging_steps: under ``torch.compile`` (any way of compiling), run the tracked batches
+            (logging steps) eagerly, ``torch.compiler.set_stance("force_eager")`` from the batch's start
+            to its optimizer step, so that shared parameters' uses can be told apart; every other step
+            stays compiled. ``False``: compiled models get no per-use tracking (one warning).
     """
 
     def __init__(
@@ -129,6 +133,7 @@ class ParameterMonitor(Callback):
         aggregate_depth: int | None = None,
         log_update_ratio: bool = False,
         log_dead_units: bool = False,
+        eager_logging_steps: bool = True,
     ) -> None:
         _check_int("log_every_n_steps", log_every_n_steps, 1, "a positive int or None (the Trainer's)")
         _check_int("histogram_every_n_steps", histogram_every_n_steps, 0, "an int >= 0 (0 disables)", optional=False)
@@ -140,6 +145,7 @@ class ParameterMonitor(Callback):
             ("raise_on_nonfinite", raise_on_nonfinite),
             ("log_update_ratio", log_update_ratio),
             ("log_dead_units", log_dead_units),
+            ("eager_logging_steps", eager_logging_steps),
         ):
             if not isinstance(flag, bool):
                 raise MisconfigurationException(f"`{arg}` must be True or False, got {flag!r}.")
@@ -154,6 +160,7 @@ class ParameterMonitor(Callback):
         self.aggregate_depth = aggregate_depth
         self.log_update_ratio = log_update_ratio
         self.log_dead_units = log_dead_units
+        self.eager_logging_steps = eager_logging_steps
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
@@ -174,12 +181,14 @@ class ParameterMonitor(Callback):
         self._unstepped_batches = 0
         self._accumulated_before = False
         self._update_ratio = UpdateRatio(self.aggregate_depth) if self.log_update_ratio else None
+        self._stance = EagerStance()  # force_eager over a tracked batch (compile.py)
 
     # -- pickling (ddp_spawn): hooks and module references are not state -----------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_watcher"] = None
         state["_update_ratio"] = None
+        state["_stance"] = EagerStance()
         return state
 
     # -- set-up ---------------------------------------------------------------------------
@@ -205,11 +214,9 @@ class ParameterMonitor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after `configure_model` (which may compile or shard the model) and the strategy's set-up
         track = self.track_shared
-        if track and _lightning.is_compiled(pl_module):
-            rank_zero_warn(
-                "`ParameterMonitor`: the model is `torch.compile`d; per-use tracking of shared parameters "
-                "needs eager module calls and is switched off (per-tensor statistics still work)."
-            )
+        why = tracking_blocked(pl_module, self.eager_logging_steps) if track else None
+        if why is not None:
+            rank_zero_warn(why)
             track = False
         self._warn_unmatched_includes(pl_module)
         self._watcher = ParameterWatcher(
@@ -279,6 +286,8 @@ class ParameterMonitor(Callback):
             watcher.start_step(capture=logs)
             self._logging_step = step if logs else None
         watcher.begin_forward()
+        if self.eager_logging_steps and watcher.tracking:  # compiled code runs eagerly until the optimizer step
+            self._stance.enter()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         # each backward of a tracked step: its graph is walked for the uses of shared parameters
@@ -293,6 +302,7 @@ class ParameterMonitor(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        self._stance.exit()  # the optimizer step (compiled or not) runs as the user set it
         watcher = self._watcher
         if watcher is None:
             return
@@ -359,6 +369,7 @@ class ParameterMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._stance.exit()
         if self._update_ratio is not None:  # a copy whose step did not run (skipped by GradScaler)
             self._update_ratio.release()
         watcher = self._watcher
@@ -388,6 +399,7 @@ class ParameterMonitor(Callback):
         self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stance.exit()
         if stage == "fit" and self._watcher is not None:
             self._watcher.end_step()
             self._watcher = None
@@ -429,19 +441,25 @@ class ParameterMonitor(Callback):
         tracker = watcher.tracker
         if tracker is None or not tracker.active or not tracker.has_seen_forward:
             return
+        by_cause: dict[str, list[str]] = {}
         for name, why in tracker.unattributed().items():
+            by_cause.setdefault(why, []).append(name)
+        for why, names in by_cause.items():  # one warning per cause, listing its parameters
             self._warn_once(
-                f"unattributed:{name}",
-                f"`ParameterMonitor`: the uses of `{name}` cannot all be seen ({why}): its per-use "
-                "contributions are not logged.",
+                f"unattributed:{why}",
+                f"`ParameterMonitor`: the uses of {', '.join(f'`{n}`' for n in names)} cannot all be seen ({why}): "
+                "their per-use contributions (`shared_grad*`) are not logged.",
             )
 
     def _drop_partial_uses(self, metrics: dict[str, float], layout: stats.StatsLayout) -> dict[str, float]:
         """Per-use values whose sites do not add up to the gradient: say why, once."""
-        for name, _ in layout.shared:
+        tracker = self._watcher.tracker if self._watcher is not None else None
+        summed_in = tracker.summed_in() if tracker is not None else {}
+        for name, sites in layout.shared:
             error = metrics.get(tags.shared_grad_error(name), 0.0)
-            # a NaN/inf gradient makes the error meaningless: the non-finite report covers it
-            if not (math.isfinite(error) and error > UNSEEN_USE_TOLERANCE):
+            # a NaN/inf gradient makes the error meaningless: the non-finite report covers it; uses that
+            # autograd summed in bf16/fp16 (autocast's cast cache) miss `.grad` by that dtype's rounding
+            if not (math.isfinite(error) and error > unseen_use_tolerance(len(sites), summed_in.get(name))):
                 continue
             if self._accumulated_before:
                 # manual optimization accumulated earlier batches into `.grad`: the uses of the
@@ -453,11 +471,17 @@ class ParameterMonitor(Callback):
                     "are part of the gradient: `shared_grad*` tags are not written on such steps.",
                 )
                 return {k: v for k, v in metrics.items() if not k.startswith(tags.SHARED_GRAD)}
+            rounding = (
+                f" beyond the {summed_in[name]} rounding of autocast's weight-cast cache, which summed its uses"
+                if name in summed_in
+                else ""
+            )
             self._warn_once(
                 f"unseen:{name}",
                 f"`ParameterMonitor`: the uses seen of shared parameter `{name}` add up to its gradient only "
-                f"within {error:.2g} (relative): part of its gradient did not come through the backward passes "
-                "the monitor walked (reentrant checkpointing, or a gradient written or accumulated by hand).",
+                f"within {error:.2g} (relative){rounding}: part of its gradient did not come through the backward "
+                "passes the monitor walked (a gradient written or accumulated by hand, or a backward run outside "
+                "Lightning's `backward`).",
             )
         return metrics
 

@@ -327,7 +327,8 @@ def _finalize_shared(name: str, sites: list[str], it: Iterator[float], grad_norm
     cosines = [
         dot / (norms[i] * norms[j]) for (i, j), dot in zip(pairs, dots, strict=True) if norms[i] > 0 and norms[j] > 0
     ]
-    out[f"{SHARED_GRAD_COSINE}/{name}"] = sum(cosines) / len(cosines) if cosines else math.nan
+    if cosines:  # fewer than two uses with a gradient (a tied alias used once): no cosine, not NaN
+        out[f"{SHARED_GRAD_COSINE}/{name}"] = sum(cosines) / len(cosines)
     return out
 
 
