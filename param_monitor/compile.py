@@ -63,13 +63,14 @@ def compiled_parts(module: nn.Module) -> list[str]:
         where = path or "the root module"
         if isinstance(sub, optimized):
             found.append(f"`{where}` (`torch.compile(module)`)")
-        elif getattr(sub, "_compiled_call_impl", None) is not None:
+            continue  # its own `forward` is dynamo's wrapper
+        if getattr(sub, "_compiled_call_impl", None) is not None:
             found.append(f"`{where}` (`Module.compile()`)")
         if sub is module and getattr(module, "_compiler_ctx", None):
             continue  # Lightning's own wrapping of `forward`/`*_step`: named above
         for attr, value in vars(sub).items():
             if not attr.startswith("_") and _is_dynamo_wrapper(value):
-                found.append(f"`{where}.{attr}` (`= torch.compile(...)`)")
+                found.append(f"`{path + '.' if path else ''}{attr}` (`= torch.compile(...)`)")
     return found
 
 

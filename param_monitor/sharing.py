@@ -337,6 +337,8 @@ class SharedUseTracker:
             return self._probe.view_as(self._probe).grad_fn._sequence_nr() + 1  # type: ignore[union-attr]
 
     def _before_call(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():  # traced by dynamo: a no-op there, never a graph break (compile.py)
+            return
         mid = id(module)
         if mid not in self._paths:
             return
@@ -355,6 +357,8 @@ class SharedUseTracker:
         self._open.append(call)
 
     def _after_call(self, module: nn.Module, args: Any, output: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
         if id(module) not in self._paths or not self._open:
             return
         call = self._open.pop()

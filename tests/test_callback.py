@@ -737,7 +737,7 @@ def test_exception_on_a_logging_step_leaves_no_hooks(tmp_path: Path) -> None:
     check_against_oracle(module, scalars, [0, 1, 2])
 
 
-def test_compile_in_configure_model_turns_tracking_off_with_warning(tmp_path: Path) -> None:
+def test_compile_without_eager_logging_steps_turns_tracking_off_with_warning(tmp_path: Path) -> None:
     class CompiledLate(SharedMLP):
         shared_sites = {}
 
@@ -746,8 +746,8 @@ def test_compile_in_configure_model_turns_tracking_off_with_warning(tmp_path: Pa
                 self.net = torch.compile(self.net, backend="eager")
 
     module = CompiledLate()
-    with pytest.warns(UserWarning, match="compile"):
-        _, scalars = fit(module, tmp_path, max_steps=2)
+    with pytest.warns(UserWarning, match="compile"):  # no eager logging steps: no per-use tracking
+        _, scalars = fit(module, tmp_path, ParameterMonitor(eager_logging_steps=False), max_steps=2)
     name = "net._orig_mod.3.weight"
     for step in (0, 1):
         assert_close(scalars[f"grad_norm/{name}"][step], module.grads[step][name].norm().item())
