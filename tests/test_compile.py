@@ -12,7 +12,6 @@ any backend); one case uses the default inductor backend.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -199,7 +198,8 @@ def check_against_twin(module: LM, scalars: dict[str, dict[int, float]], accumul
             total = sum(uses[name, s].double() for s in sites)
             for site in sites:
                 want = uses[name, site]
-                assert logged[f"shared_grad/{name}/{site}"][step] == pytest.approx(want.norm().item(), rel=1e-6, abs=1e-9)
+                norm = want.norm().item()
+                assert logged[f"shared_grad/{name}/{site}"][step] == pytest.approx(norm, rel=1e-6, abs=1e-9)
                 share = ((want.double() * total).sum() / total.square().sum()).item()
                 assert logged[f"shared_grad_share/{name}/{site}"][step] == pytest.approx(share, abs=1e-6)
             assert logged[f"shared_grad_error/{name}"][step] < 1e-6
