@@ -459,7 +459,9 @@ class ParameterMonitor(Callback):
             error = metrics.get(tags.shared_grad_error(name), 0.0)
             # a NaN/inf gradient makes the error meaningless: the non-finite report covers it; uses that
             # autograd summed in bf16/fp16 (autocast's cast cache) miss `.grad` by that dtype's rounding
-            if not (math.isfinite(error) and error > unseen_use_tolerance(len(sites), summed_in.get(name))):
+            norms = [metrics.get(tags.shared_grad(name, site), 0.0) for site in sites]
+            tolerance = unseen_use_tolerance(norms, metrics.get(tags.grad_norm(name)), summed_in.get(name))
+            if not (math.isfinite(error) and error > tolerance):
                 continue
             if self._accumulated_before:
                 # manual optimization accumulated earlier batches into `.grad`: the uses of the

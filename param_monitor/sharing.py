@@ -65,7 +65,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -290,10 +290,12 @@ class SharedUseTracker:
         by a compiled region or a replayed CUDA graph; or one whose use could not be read in
         backward. Their ``shared_grad*`` are not written; parameters used elsewhere only are not listed.
         """
-        out = {self._name_of[pid]: why for pid, why in self._failed.items() if pid in self._name_of}
-        for pid, kind in self._opaque_params.items():
-            if pid in self._name_of:
-                out.setdefault(self._name_of[pid], _OPAQUE_NODES[kind])
+        out: dict[str, str] = {}
+        for pid, name in self._name_of.items():  # in the model's order
+            if pid in self._failed:
+                out[name] = self._failed[pid]
+            elif pid in self._opaque_params:
+                out[name] = _OPAQUE_NODES[self._opaque_params[pid]]
         return out
 
     def summed_in(self) -> dict[str, torch.dtype]:
@@ -611,17 +613,23 @@ def _index_suffix(node: Node) -> str:
     return "[" + ", ".join([":"] * dim + [str(index)]) + "]"
 
 
-def unseen_use_tolerance(uses: int, summed_in: torch.dtype | None = None) -> float:
-    """How far (relative) the seen uses may miss ``.grad`` before a use counts as not seen.
+def unseen_use_tolerance(
+    use_norms: Sequence[float], grad_norm: float | None = None, summed_in: torch.dtype | None = None
+) -> float:
+    """How far (relative to ``grad_norm``) the seen uses may miss ``.grad`` before a use counts as not seen.
 
-    In fp32 ``Σ uses − grad`` is ~1e-7 (and ~1e-4 under fp16 autocast without a shared cast). When
-    autograd summed the uses in ``summed_in`` (autocast's cast cache, see
-    :meth:`SharedUseTracker.summed_in`) each of the ``uses - 1`` additions rounds to that dtype:
-    the error grows like sqrt(uses) times its epsilon (measured: 1.7e-2 for 48 bf16 uses).
+    In fp32 ``Σ uses − grad`` is ~1e-7 (~1e-4 under fp16 autocast without a shared cast): 1e-2.
+    When autograd summed the uses in ``summed_in`` (autocast's weight-cast cache, see
+    :meth:`SharedUseTracker.summed_in`), each addition rounds to that dtype, the partial sums as
+    large as the uses: the error grows like sqrt(uses) x eps x ``sqrt(Σ‖use‖²)``, relative to
+    ``‖grad‖`` (measured 0.1-0.2 of this bound; ALBERT at 48 bf16 depths: 1.7e-2). Without
+    ``grad_norm`` (per-module statistics), ``sqrt(Σ‖use‖²)`` stands for it.
     """
-    if summed_in is None:
+    if summed_in is None or not use_norms:
         return UNSEEN_USE_TOLERANCE
-    return max(UNSEEN_USE_TOLERANCE, 2 * math.sqrt(uses) * torch.finfo(summed_in).eps)
+    size = math.sqrt(math.fsum(n * n for n in use_norms))
+    scale = size / grad_norm if grad_norm is not None and grad_norm > 0 and math.isfinite(grad_norm) else 1.0
+    return max(UNSEEN_USE_TOLERANCE, math.sqrt(len(use_norms)) * torch.finfo(summed_in).eps * scale)
 
 
 def _tensors(obj: Any) -> list[Tensor]:
