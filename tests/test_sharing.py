@@ -640,8 +640,8 @@ def test_uses_inside_a_replayed_cuda_graph_are_not_attributed() -> None:
 def test_reentrant_checkpointing_lists_only_the_parameters_used_inside() -> None:
     torch.manual_seed(0)
     inner, outer = nn.Linear(4, 4), nn.Linear(4, 4)
-    net, x = nn.Sequential(outer, inner, outer), torch.randn(3, 4)
-    got, tracker = tracked_step(net, lambda: net[2](checkpoint(inner, net[0](x), use_reentrant=True)).sum())
+    net, x = nn.Sequential(outer, inner, outer, nn.Linear(4, 1)), torch.randn(3, 4)
+    got, tracker = tracked_step(net, lambda: net[3](net[2](checkpoint(inner, net[0](x), use_reentrant=True))).sum())
     assert set(tracker.unattributed()) == {"1.weight", "1.bias"}
     assert list(got["0.weight"]) == ["0#0", "0#1"]  # used outside the segment: still split
     assert torch.allclose(sum(got["0.weight"].values()), outer.weight.grad, atol=1e-6)
