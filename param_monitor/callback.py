@@ -117,7 +117,9 @@ class ParameterMonitor(Callback):
         eager_logging_steps: under ``torch.compile`` (any way of compiling), run the tracked batches
             (logging steps) eagerly, ``torch.compiler.set_stance("force_eager")`` from the batch's start
             to its optimizer step, so that shared parameters' uses can be told apart; every other step
-            stays compiled. ``False``: compiled models get no per-use tracking (one warning).
+            stays compiled, with no recompile. A logging step then costs an eager forward and backward
+            (eager memory), and code branching on ``torch.compiler.is_compiling()`` takes its eager
+            branch there. ``False``: compiled models get no per-use tracking (one warning).
     """
 
     def __init__(
@@ -302,7 +304,8 @@ class ParameterMonitor(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
-        self._stance.exit()  # the optimizer step (compiled or not) runs as the user set it
+        if len(trainer.optimizers) < 2:  # (several: the batch's later forward passes are tracked too)
+            self._stance.exit()  # the optimizer step (compiled or not) runs as the user set it
         watcher = self._watcher
         if watcher is None:
             return

@@ -20,9 +20,10 @@ that fails never breaks the backward: that parameter is reported as not attribut
 Sites are named by module call. While tracking, global module forward hooks (installed on
 logging steps only, never on the model) record the window of autograd sequence numbers that
 each module call spans; a use belongs to the innermost module call whose window holds the node
-that consumed the parameter (``Node._sequence_nr()``). Names are decided from the step's final
-call counts (a use is recorded as the call's identity), so every backward pass and micro-batch
-of a step names a call alike:
+that consumed the parameter (``Node._sequence_nr()``). Inside a region that dynamo traces the
+hooks do nothing (no graph break); the monitor runs tracked steps eagerly (``compile.py``).
+Names are decided from the step's final call counts (a use is recorded as the call's identity),
+so every backward pass and micro-batch of a step names a call alike:
 
 - a module called once in the forward pass: its (first) path (``lm_head``, ``transformer.wte``);
 - a module registered at k positions of one ``nn.Sequential`` (whose own forward runs them in
@@ -32,10 +33,18 @@ of a step names a call alike:
   Sequential subclass, the same module under several attribute names);
 - a use in the root module's own forward: ``<root>``; outside every module call (a penalty
   term in ``training_step``): ``<outside>``;
+- a use through one index of one tensor (``w[3]``, ``w[:, 3]``; MoE experts kept as one 3-D
+  parameter): ``{site}[3]``, so an expert keeps its name whichever experts the routing hits
+  (an expert without tokens has no use, and no tag, that step);
 - several uses inside one call: ``{site}:{j}``, j from 0 in creation order;
 - gradient that was already in ``.grad`` when tracking began, or that ``.grad`` kept through a
   change made between two backward passes (manual accumulation, ``zero_grad(set_to_none=False)``):
   ``<earlier>``, so that the sites still add up to ``.grad``.
+
+Some nodes hide their uses (:data:`_OPAQUE_NODES`): a reentrant checkpointed segment runs a
+backward of its own (its parameters are found as that backward accumulates them), a compiled
+region or a replayed CUDA graph is one node per region. The parameters behind them are reported by
+:meth:`SharedUseTracker.unattributed` and get no per-use values; the others are split as usual.
 
 Only *shared* parameters keep anything: per use, the gradient tensor autograd made for it (no
 copy; autograd counts our reference and never writes into it); from a second micro-batch on, a
