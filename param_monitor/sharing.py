@@ -428,6 +428,8 @@ class SharedUseTracker:
         for handle in self._node_handles:  # a backward without `after_backward`: never hook a node twice
             handle.remove()
         self._node_handles = []
+        self._held_accumulators = []
+        self._inside_nested = 0
         self._starts = [c.start for c in self._calls]
         for mid, n in self._n_calls.items():
             self._max_calls[mid] = max(self._max_calls.get(mid, 0), n)

@@ -12,6 +12,7 @@ any backend); one case uses the default inductor backend.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -352,3 +353,35 @@ def test_eager_stance_restores_what_the_user_had() -> None:
         stance.exit()
         assert not stance.held and torch._dynamo.eval_frame._stance.stance == "fail_on_recompile"
     assert torch._dynamo.eval_frame._stance.stance == "default"
+
+
+class TwoOptimizers(LM):
+    """Manual optimization, a forward pass per optimizer in one batch (a GAN's pattern), compiled model."""
+
+    def __init__(self) -> None:
+        super().__init__("torch.compile(model)")
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        for opt in self.optimizers():
+            opt.zero_grad()
+            self.manual_backward(lm_loss(self.net, x, y))
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
+        net = self.plain
+        return [torch.optim.SGD([net.wte.weight], lr=0.1), torch.optim.SGD(net.block.parameters(), lr=0.1)]
+
+
+def test_every_forward_pass_of_a_tracked_batch_with_several_optimizers_is_eager(tmp_path: Path) -> None:
+    torch._dynamo.reset()
+    counters.clear()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, scalars = fit(TwoOptimizers(), tmp_path, ParameterMonitor(log_every_n_steps=EVERY), data(1), max_steps=8)
+    assert not [w for w in record if "ParameterMonitor" in str(w.message)]
+    for name in ("net._orig_mod.wte.weight", "net._orig_mod.block.weight"):
+        assert sorted(scalars[f"shared_grad_error/{name}"]) == [1, 3]
+        assert max(scalars[f"shared_grad_error/{name}"].values()) < 1e-6
+    assert compile_counts()["graph_breaks"] == 0 and compile_counts()["recompiles"] == 0
