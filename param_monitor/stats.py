@@ -321,8 +321,9 @@ def _finalize_shared(name: str, sites: list[str], it: Iterator[float], grad_norm
         along[i] += dot
         along[j] += dot
     total = math.fsum(along)
-    for site, value in zip(sites, along, strict=True):
-        out[f"{SHARED_GRAD_SHARE}/{name}/{site}"] = value / total if total > 0 else math.nan
+    if total > 0:  # no gradient at all through the uses (an expert whose tokens are all zero): no shares, not NaN
+        for site, value in zip(sites, along, strict=True):
+            out[f"{SHARED_GRAD_SHARE}/{name}/{site}"] = value / total
     out[f"{SHARED_GRAD_ERROR}/{name}"] = err / grad_norm if grad_norm > 0 else (0.0 if err == 0 else math.inf)
     cosines = [
         dot / (norms[i] * norms[j]) for (i, j), dot in zip(pairs, dots, strict=True) if norms[i] > 0 and norms[j] > 0

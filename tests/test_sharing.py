@@ -878,3 +878,26 @@ def test_a_parameter_added_on_a_logging_step_keeps_the_others_per_use_tags(tmp_p
     assert not warned
     check_against_oracle(module, scalars, [0, 1, 2, 3])
     assert set(scalars["grad_norm/extra"]) == {1, 2, 3}
+
+
+class ZeroOnStep(pl.LightningModule):
+    """A bias-free layer used twice whose input is all zeros on step 1: both uses are exactly zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4, bias=False)
+        self.out = nn.Linear(4, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0] * (step_label(self.trainer) != 1)
+        return self.out(self.layer(torch.tanh(self.layer(x)))).pow(2).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_uses_without_any_gradient_get_no_share_rather_than_nan(tmp_path: Path) -> None:
+    scalars, _ = fit_recording_warnings(ZeroOnStep(), tmp_path, data=data_of(torch.randn(32, 4)))
+    assert scalars["shared_grad/layer.weight/layer#0"][1] == 0.0
+    assert sorted(scalars["shared_grad_share/layer.weight/layer#0"]) == [0, 2, 3]
+    assert all(math.isfinite(v) for values in scalars.values() for v in values.values())
