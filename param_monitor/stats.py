@@ -321,7 +321,9 @@ def _finalize_shared(name: str, sites: list[str], it: Iterator[float], grad_norm
         along[i] += dot
         along[j] += dot
     total = math.fsum(along)
-    if total > 0:  # no gradient at all through the uses (an expert whose tokens are all zero): no shares, not NaN
+    # no gradient at all through the uses (an expert whose tokens are all zero): no shares rather than 0/0;
+    # a non-finite gradient keeps its NaN shares (the non-finite report covers it)
+    if total > 0 or not math.isfinite(total):
         for site, value in zip(sites, along, strict=True):
             out[f"{SHARED_GRAD_SHARE}/{name}/{site}"] = value / total
     out[f"{SHARED_GRAD_ERROR}/{name}"] = err / grad_norm if grad_norm > 0 else (0.0 if err == 0 else math.inf)
