@@ -25,6 +25,7 @@ and ``param_monitor.writers.write_scalars(writer, metrics, step)`` writes them a
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch.nn as nn
@@ -115,6 +116,7 @@ class ParameterWatcher:
     def start_step(self, capture: bool = True) -> None:
         """Install the tracking hooks (only on steps that log)."""
         if self.tracker is not None:
+            self._capture = capture and not self.tracker.active
             self.tracker.start(capture=capture)
 
     def begin_forward(self) -> None:
@@ -136,6 +138,23 @@ class ParameterWatcher:
         if self.tracker is not None:
             self.tracker.stop()
             self.tracker.reset()
+
+    def capture_problem(self) -> str | None:
+        """Why this tracked step cannot have captured the uses of shared parameters, or ``None``.
+
+        A forward and backward ran (gradients exist) under :meth:`start_step`, but no backward pass
+        was announced with :meth:`before_backward`: the graph was never walked, so no use is known.
+        """
+        tracker = self.tracker
+        if tracker is None or not tracker.active or not getattr(self, "_capture", False) or tracker.walked:
+            return None
+        if not any(p.grad is not None for _, p in self.named_params):
+            return None
+        return (
+            "no backward pass of this tracked step was announced (`before_backward(loss)` before `loss.backward()`, "
+            "`after_backward()` after it): the uses of shared parameters cannot be seen and no `shared_grad*` tag "
+            "is written. The plain-PyTorch API does it for you: `with monitor.step(step) as s: ...; s.backward(loss)`."
+        )
 
     @property
     def tracking(self) -> bool:
@@ -193,6 +212,9 @@ class ParameterWatcher:
         With several processes, every rank calls it with the same ``group``
         (``distributed.reduction_group()``): at most one collective.
         """
+        missing = self.capture_problem()
+        if missing is not None:
+            warnings.warn(f"`ParameterWatcher.compute`: {missing}", stacklevel=2)
         packed, layout = self.pack(group=group)
         packed = self.reduce(packed, layout, group)
         self.end_step()

@@ -97,7 +97,7 @@ def test_without_shared_tracking_other_steps_return_at_once(tmp_path: Path) -> N
     _, scalars = fit(SharedMLP(), tmp_path, monitor, max_steps=4)
     assert sorted(scalars["grad_norm/net.3.weight"]) == [2]
     assert not [t for t in scalars if t.startswith("shared_grad")]
-    assert not monitor._summary_pending and not monitor._count_calls_pending
+    assert not monitor._core.fit.summary_pending and not monitor._core.fit.count_calls_pending
 
 
 def test_tracking_does_not_change_the_model() -> None:

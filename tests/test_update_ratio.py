@@ -135,7 +135,7 @@ def test_no_copy_and_no_hook_on_steps_that_do_not_log(tmp_path: Path, monkeypatc
     trainer, _ = fit(WeightRecorder(), tmp_path, max_steps=6, log_every_n_steps=3)
     assert armed == [0, 0]  # two logging steps, and each found no hook left over
     assert not trainer.optimizers[0]._optimizer_step_post_hooks
-    assert not trainer.callbacks[0]._update_ratio.armed
+    assert not trainer.callbacks[0]._core.update_ratio.armed
 
 
 def test_off_by_default(tmp_path: Path) -> None:
