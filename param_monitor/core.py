@@ -19,7 +19,8 @@ Events, in the order a training loop calls them (every one a no-op before :meth:
 ``after_optimizer_step(optimizer)``                    (a ``register_step_post_hook``, automatic)
 ``batch_end(accumulating)``                            the batch is over
 ``end()``                                              the fit finished normally
-``on_exception(exc)`` / ``teardown()``                 hooks off, buffers freed
+``abort_batch(exc)``                                   a batch failed; the next one may run
+``on_exception(exc)`` / ``teardown()``                 the fit failed / ended: hooks off, buffers freed
 =====================================================  ===============================================
 
 Extension points (other features plug in with a few lines):
@@ -265,6 +266,8 @@ class MonitorCore:
         watcher = self.watcher
         if watcher is None:
             return False, []
+        if self.update_ratio is not None:  # a copy whose step never ran (a plain loop's skipped step)
+            self.update_ratio.release()
         logs = self.logs(step)
         first_batch = logs and not self.machine.logs_now(step)
         problems = self.machine.batch_start(step, logs)
@@ -365,10 +368,11 @@ class MonitorCore:
                 lambda opt, args, kwargs: self._hooks("after_optimizer_step", opt, self.machine.logging)
             )
 
-    def batch_end(self, accumulating: bool) -> list[Problem]:
-        """The batch is over; ``accumulating``: the step's gradients are still being accumulated."""
+    def batch_end(self, accumulating: bool, step_may_follow: bool = False) -> list[Problem]:
+        """The batch is over; ``accumulating``: the step's gradients are still being accumulated;
+        ``step_may_follow``: the optimizer may still step (a plain loop's ``step()`` after its block)."""
         self._hooks("batch_end", self.machine.logging)
-        if self.update_ratio is not None:  # a copy whose step did not run (skipped by GradScaler)
+        if self.update_ratio is not None and not step_may_follow:  # a copy whose step did not run (GradScaler)
             self.update_ratio.release()
         self.fit.before_clip.clear()
         self.fit.measured.clear()
@@ -401,8 +405,20 @@ class MonitorCore:
         if self.fit.metadata_logged is not None:
             self._write_metadata(run - 1)
 
-    def on_exception(self, exc: BaseException) -> None:
+    def abort_batch(self, exc: BaseException) -> None:
+        """The batch failed: its capture ends, the core stays ready for the next batch."""
         self._hooks("on_exception", exc)
+        if self.update_ratio is not None:
+            self.update_ratio.release()
+        self.fit.before_clip.clear()
+        self.fit.measured.clear()
+        self.machine.reset()
+        if self.watcher is not None:
+            self.watcher.end_step()
+
+    def on_exception(self, exc: BaseException) -> None:
+        """The fit failed: everything off (``teardown``), as after a normal fit."""
+        self.abort_batch(exc)
         self.teardown()
 
     def teardown(self) -> None:
