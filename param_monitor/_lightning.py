@@ -99,7 +99,7 @@ def intercept_clipping(trainer: pl.Trainer, before: Callable[[Optimizer], None])
     original = plugin.clip_gradients
 
     def clip_gradients(optimizer: Optimizer, *args: object, **kwargs: object) -> None:
-        before(optimizer)
+        before(getattr(optimizer, "_optimizer", optimizer))  # a `LightningOptimizer` wraps the torch one
         original(optimizer, *args, **kwargs)
 
     plugin.clip_gradients = clip_gradients

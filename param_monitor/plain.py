@@ -36,7 +36,6 @@ passes in ONE ``with`` block (``s.backward`` once per micro-batch).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Any
