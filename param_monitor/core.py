@@ -490,7 +490,7 @@ class MonitorCore:
         if self.runtime.grad_scaler() is not None:
             if not all(math.isfinite(v) for k, v in metrics.items() if k.startswith(tags.GRAD_NORM)):
                 # GradScaler will skip this step: its gradients are overflow garbage, not training signal
-                return {k: v for k, v in metrics.items() if not k.startswith(tags.GRADIENT_PREFIXES)}
+                return {k: v for k, v in metrics.items() if not _from_gradients(k)}
         else:
             self._report_nonfinite(self.nonfinite.from_metrics(metrics, step))
         return self._drop_partial_uses(metrics, layout)
@@ -632,6 +632,12 @@ class MonitorCore:
         kept = {tag: v for tag, v in values.items() if finite[tag]}
         for sink in self._rich_sinks():
             sink.histograms(kept, step)
+
+
+def _from_gradients(tag: str) -> bool:
+    """Whether ``tag``'s family is derived from gradients (the registry's ``gradient`` flag)."""
+    family = tags.family_of(tag)
+    return family is not None and family.gradient
 
 
 def _signature(module: torch.nn.Module) -> Signature:
