@@ -23,6 +23,7 @@ from param_monitor import ParameterMonitor
 from param_monitor._lightning import grad_scaler, is_compiled, step_label
 from tests.helpers.events import load_events, read_scalar_steps, read_scalars
 from tests.helpers.modules import Recorder, SharedMLP, assert_close, check_against_oracle, fit, linear, loader
+from tests.helpers.trainers import make_trainer
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,15 +443,7 @@ def test_resume_continues_steps_without_duplicates(tmp_path: Path) -> None:
         data=loader(n=64),
     )
     module = SharedMLP()
-    trainer = pl.Trainer(
-        max_steps=8,
-        log_every_n_steps=1,
-        logger=TensorBoardLogger(str(tmp_path), name="tb", version=0),
-        callbacks=[ParameterMonitor()],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = make_trainer(tmp_path, max_steps=8, logger=TensorBoardLogger(str(tmp_path), name="tb", version=0))
     trainer.fit(module, loader(n=64), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     steps = read_scalar_steps(trainer.logger.log_dir, "grad_norm/net.3.weight")
     assert steps == list(range(8))

@@ -9,11 +9,11 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from param_monitor import ParameterMonitor, ParameterWatcher
+from param_monitor import ParameterWatcher
 from tests.helpers.events import read_scalars
+from tests.helpers.trainers import make_trainer
 
 
 def plain_step(watcher: ParameterWatcher, model: nn.Module, loss_fn) -> dict[str, float]:  # noqa: ANN001
@@ -99,18 +99,7 @@ class Tiny(pl.LightningModule):
 
 
 def tiny_trainer(tmp_path: Path, precision: str = "32-true") -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=3,
-        log_every_n_steps=1,
-        logger=TensorBoardLogger(str(tmp_path), name="tb"),
-        callbacks=[ParameterMonitor()],
-        precision=precision,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    return make_trainer(tmp_path, max_steps=3, precision=precision)
 
 
 def fit_tiny(tmp_path: Path, kind: str, precision: str = "32-true") -> tuple[Tiny, dict[str, dict[int, float]]]:
