@@ -5,8 +5,9 @@ not, accumulated by hand, clipped) and *where* the values go (a :class:`~param_m
 keeps the non-finite record, splits the statistics per optimizer, arms the update ratio, writes the
 run metadata and the parameter table, and checks that the uses of shared parameters add up
 (warning once per fit when they do not). The maths is ``stats.py``'s and ``sharing.py``'s; the
-step's phases are the pure :class:`~param_monitor.phases.StepMachine`; the frameworks are shells:
-``callback.ParameterMonitor`` (Lightning) and ``plain.PlainMonitor`` (a hand-written loop).
+step's phases are the pure :class:`~param_monitor.phases.StepMachine`; the options ``config.py``'s;
+the writing ``run_writer.py``'s; the once-per-fit warnings ``checks.py``'s. The frameworks are
+shells: ``callback.ParameterMonitor`` (Lightning) and ``plain.PlainMonitor`` (a hand-written loop).
 
 Events, in the order a training loop calls them (every one a no-op before :meth:`MonitorCore.start`):
 
@@ -41,10 +42,9 @@ Extension points (other features plug in with a few lines):
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -54,74 +54,18 @@ from torch.utils.hooks import RemovableHandle
 
 from param_monitor import distributed, stats, tags
 from param_monitor._torch import inverse_scale, optimizer_unscaled
+from param_monitor.checks import UNSEEN_USE_TOLERANCE, FitWarnings  # noqa: F401  (re-exported)
+from param_monitor.config import MonitorConfig
 from param_monitor.nonfinite import NonFinitePolicy, NonFiniteReport
 from param_monitor.phases import Problem, StepMachine
+from param_monitor.run_writer import RunWriter, histogram_values
 from param_monitor.sinks import Sink
-from param_monitor.table import format_markdown, parameter_table
 from param_monitor.update_ratio import UpdateRatio
 from param_monitor.watcher import ParameterWatcher
 
-# Σ uses − grad is ~1e-7 in fp32 and ~1e-4 under fp16 autocast; a missed use is O(1).
-UNSEEN_USE_TOLERANCE = 1e-2
+__all__ = ["Collector", "MonitorConfig", "MonitorCore", "Runtime", "StepHook"]
+
 Signature = tuple[tuple[str, int, type], ...]
-
-
-# -- configuration -----------------------------------------------------------------------------
-@dataclass
-class MonitorConfig:
-    """The monitor's options (see ``ParameterMonitor``'s docstring); checked on construction (``ValueError``)."""
-
-    log_every_n_steps: int | None = None
-    track_shared: bool = True
-    histogram_every_n_steps: int = 0
-    log_summary: bool = True
-    check_finite_every_step: bool = False
-    raise_on_nonfinite: bool = False
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-    aggregate_depth: int | None = None
-    log_update_ratio: bool = False
-    log_dead_units: bool = False
-
-    def __post_init__(self) -> None:
-        _check_int("log_every_n_steps", self.log_every_n_steps, 1, "a positive int or None (the Trainer's)")
-        _check_int("histogram_every_n_steps", self.histogram_every_n_steps, 0, "an int >= 0 (0 disables)", False)
-        _check_int("aggregate_depth", self.aggregate_depth, 1, "a positive int or None (per tensor)")
-        for arg in ("track_shared", "log_summary", "check_finite_every_step", "raise_on_nonfinite"):
-            _check_bool(arg, getattr(self, arg))
-        _check_bool("log_update_ratio", self.log_update_ratio)
-        _check_bool("log_dead_units", self.log_dead_units)
-        self.include = _patterns("include", self.include)
-        self.exclude = _patterns("exclude", self.exclude)
-
-
-def _check_bool(arg: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"`{arg}` must be True or False, got {value!r}.")
-
-
-def _check_int(arg: str, value: object, minimum: int, allowed: str, optional: bool = True) -> None:
-    if value is None and optional:
-        return
-    # bool is an int subclass: `log_every_n_steps=True` would silently mean 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{arg}` must be {allowed}, got {value!r}.")
-
-
-def _patterns(arg: str, value: object) -> list[str] | None:
-    """A list or tuple of str (glob patterns); a str, a dict, a set are refused with what is allowed."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        raise ValueError(f"`{arg}` must be a list of glob patterns, not a string: use [{value!r}].")
-    if not isinstance(value, list | tuple):
-        kind = type(value).__name__
-        allowed = "a list of glob patterns (a list or tuple of str) or None"
-        raise ValueError(f"`{arg}` must be {allowed}, got {kind} {value!r}.")
-    wrong = [p for p in value if not isinstance(p, str)]
-    if wrong:
-        raise ValueError(f"`{arg}` must be a list of glob patterns (str), got {value!r}: {wrong[0]!r} is not a str.")
-    return list(value)
 
 
 # -- what the framework provides ---------------------------------------------------------------
@@ -171,17 +115,12 @@ class _FitState:
     """What one fit accumulates; a new fit starts a fresh one."""
 
     signature: Signature = ()  # the module's parameters the watcher was built from
-    written: set[str] = field(default_factory=set)  # tags written at the current step label
     summary_pending: bool = True
     count_calls_pending: bool = True  # the first step names the uses once: the table's call sites
-    warned: set[str] = field(default_factory=set)  # keys of the once-per-fit warnings
-    before_clip: dict[int, dict[str, float]] = field(default_factory=dict)  # statistics taken before clipping
-    measured: set[int] = field(default_factory=set)  # optimizers whose statistics this batch has taken
-    last_logged: int | None = None  # the step label last logged
     accumulated_before: bool = False  # the logging step began with gradients of unstepped batches
     steps_logged: int = 0
     steps_run: int = 0
-    metadata_logged: int | None = None  # `steps_logged` of the last run metadata written
+    last_logged: int | None = None  # the step label last logged
 
 
 class MonitorCore:
@@ -199,14 +138,25 @@ class MonitorCore:
     def _reset(self) -> None:
         self.machine = StepMachine()
         self.fit = _FitState(summary_pending=self.config.log_summary)
+        self.warnings = FitWarnings()
+        self.writer = self._new_writer()
         self.nonfinite = NonFinitePolicy(self.config.raise_on_nonfinite)
         self.update_ratio = UpdateRatio(self.config.aggregate_depth) if self.config.log_update_ratio else None
+        self._before_clip: dict[int, dict[str, float]] = {}  # statistics taken before clipping, per optimizer
+        self._measured: set[int] = set()  # optimizers whose statistics this batch has taken
         self._post_hooks: dict[int, RemovableHandle] = {}
+
+    def _new_writer(self) -> RunWriter:
+        return RunWriter(lambda: self.runtime.sinks(), self.config.log_update_ratio, self.config.log_dead_units)
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles the callback: hooks and modules are not state
         state = self.__dict__.copy()
-        state.update(watcher=None, update_ratio=None, _post_hooks={})
+        state.update(watcher=None, update_ratio=None, _post_hooks={}, writer=None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.writer = self._new_writer()
 
     # -- set-up --------------------------------------------------------------------------------
     def start(self, module: torch.nn.Module, every_n: int, track_shared: bool | None = None) -> None:
@@ -214,8 +164,8 @@ class MonitorCore:
         self.teardown()
         self._reset()
         self.every_n = every_n
-        self._warn_unmatched_includes(module)
         config = self.config
+        self.warnings.unmatched_includes(module, config.include)
         self.watcher = ParameterWatcher(
             module,
             track_shared=config.track_shared if track_shared is None else track_shared,
@@ -225,16 +175,6 @@ class MonitorCore:
             dead_units=config.log_dead_units,
         )
         self.fit.signature = _signature(module)
-
-    def _warn_unmatched_includes(self, module: torch.nn.Module) -> None:
-        names = [n for n, _ in module.named_parameters()]
-        unmatched = [p for p in self.config.include or [] if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-        if unmatched:
-            example = f"names such as {names[0]!r}" if names else "names, and the model has none"
-            distributed.warn_rank_zero(
-                f"`ParameterMonitor`: `include` patterns match no parameter: {', '.join(map(repr, unmatched))} "
-                f"(`fnmatch` globs over {example})."
-            )
 
     def sync_parameters(self, module: torch.nn.Module) -> bool:
         """Rebuild the index if the module's parameters changed (pruning, a replaced layer, lazy ones
@@ -307,12 +247,12 @@ class MonitorCore:
         The logged gradient is the one from before clipping, and the uses (never clipped) add up to it.
         """
         # (automatic optimization clips after `before_optimizer_step`: its statistics are taken then)
-        if self.watcher is None or not self.machine.logs_now(step) or id(optimizer) in self.fit.measured:
+        if self.watcher is None or not self.machine.logs_now(step) or id(optimizer) in self._measured:
             return
-        self.fit.measured.add(id(optimizer))
+        self._measured.add(id(optimizer))
         several = len(self.runtime.optimizers()) > 1
         names = self._names(optimizer) if several else None
-        self.fit.before_clip[id(optimizer)] = self._compute(optimizer, names, step)
+        self._before_clip[id(optimizer)] = self._compute(optimizer, names, step)
 
     def before_optimizer_step(self, optimizer: Optimizer, step: int, module: torch.nn.Module) -> list[Problem]:
         watcher = self.watcher
@@ -327,7 +267,7 @@ class MonitorCore:
         if self.config.check_finite_every_step and not logs and self.runtime.grad_scaler() is None:
             self.nonfinite.check_step(watcher.named_params, step)  # (a scaler skips non-finite steps itself)
         if self.machine.first_of_step:  # once per step, whatever the number of optimizers
-            self.fit.written.clear()
+            self.writer.new_step()
             if logs or histograms or self.fit.summary_pending or self.fit.count_calls_pending:
                 self._once_per_step(module, step, logs)
         several = len(self.runtime.optimizers()) > 1  # tracking then lasts until the batch ends
@@ -344,10 +284,10 @@ class MonitorCore:
 
     def _log(self, optimizer: Optimizer, names: set[str] | None, step: int, several: bool) -> None:
         if self.update_ratio is not None:  # its values are written by the optimizer's step, if it runs
-            self.update_ratio.arm(optimizer, self.watcher.named_params, lambda m: self._write_scalars(m, step))
-        metrics = self.fit.before_clip.pop(id(optimizer), None)
+            self.update_ratio.arm(optimizer, self.watcher.named_params, lambda m: self.writer.scalars(m, step))
+        metrics = self._before_clip.pop(id(optimizer), None)
         if metrics is None:
-            self.fit.measured.add(id(optimizer))
+            self._measured.add(id(optimizer))
             metrics = self._compute(optimizer, names, step)
         if several:  # one total per optimizer: their steps see different gradients
             index = [id(o) for o in self.runtime.optimizers()].index(id(optimizer))
@@ -357,9 +297,9 @@ class MonitorCore:
             self.watcher.end_step()  # free the buffers now
         if self.fit.last_logged != step:
             self.fit.last_logged, self.fit.steps_logged = step, self.fit.steps_logged + 1
-        self._write_scalars(self._first_at_step(metrics), step)
-        if self.fit.metadata_logged == 0:  # the metadata said "no step logged yet": no longer true
-            self._write_metadata(step)
+        self.writer.scalars(self.writer.first_at_step(metrics), step)
+        if self.writer.metadata_logged == 0:  # the metadata said "no step logged yet": no longer true
+            self.writer.metadata(self.watcher.module, self.watcher.tracker, step, self._status(step))
 
     def _watch_step(self, optimizer: Optimizer) -> None:
         """``after_optimizer_step`` from torch's public step post-hook (none for a step GradScaler skips)."""
@@ -374,8 +314,8 @@ class MonitorCore:
         self._hooks("batch_end", self.machine.logging)
         if self.update_ratio is not None and not step_may_follow:  # a copy whose step did not run (GradScaler)
             self.update_ratio.release()
-        self.fit.before_clip.clear()
-        self.fit.measured.clear()
+        self._before_clip.clear()
+        self._measured.clear()
         problems = self.machine.batch_end(accumulating)
         # a step that never reached the optimizer (training_step returned None): drop its hooks
         if self.watcher is not None and self.watcher.tracking and not accumulating:
@@ -390,28 +330,22 @@ class MonitorCore:
             self.watcher.end_step()
             self._read_pending_nonfinite()  # a NaN after the last logging step
             if self.fit.steps_logged == 0 and self.fit.steps_run and self.every_n:
-                self._warn_nothing_logged()
-        for sink in self.runtime.sinks():
-            sink.flush()
+                self._nothing_logged()
+        self.writer.flush()
 
-    def _warn_nothing_logged(self) -> None:
-        n, run = self.every_n, self.fit.steps_run
-        self._warn_once(
-            "nothing-logged",
-            f"`ParameterMonitor` logged no step: the fit ran {run} optimizer step(s) and logs every {n} "
-            f"(`log_every_n_steps={n}`: the first logging step is step {n - 1}). Pass `log_every_n_steps` "
-            f"of at most {run} (to `ParameterMonitor` or the Trainer) to see this run's statistics.",
-        )
-        if self.fit.metadata_logged is not None:
-            self._write_metadata(run - 1)
+    def _nothing_logged(self) -> None:
+        run = self.fit.steps_run
+        self.warnings.nothing_logged(self.every_n, run)
+        if self.writer.metadata_logged is not None:  # the tab's metadata says so too
+            self.writer.metadata(self.watcher.module, self.watcher.tracker, run - 1, self._status(run - 1))
 
     def abort_batch(self, exc: BaseException) -> None:
         """The batch failed: its capture ends, the core stays ready for the next batch."""
         self._hooks("on_exception", exc)
         if self.update_ratio is not None:
             self.update_ratio.release()
-        self.fit.before_clip.clear()
-        self.fit.measured.clear()
+        self._before_clip.clear()
+        self._measured.clear()
         self.machine.reset()
         if self.watcher is not None:
             self.watcher.end_step()
@@ -441,7 +375,9 @@ class MonitorCore:
         if self.sync_parameters(module):
             return
         if self.fit.summary_pending:
-            self._write_summary(module, step, logs)
+            status = self._status(step, self.fit.steps_logged + int(logs))
+            self.writer.summary(module, self.watcher.tracker, step, status)
+            self.fit.summary_pending = False
         self.fit.count_calls_pending = False  # counted, even if no owning module was called (own parameters)
 
     def _names(self, optimizer: Optimizer) -> set[str]:
@@ -470,7 +406,7 @@ class MonitorCore:
         watcher = self.watcher
         contribution_scale, grad_scale = self._scaling(optimizer)
         group = distributed.reduction_group()  # every rank reaches here on the same steps
-        self._warn_unattributed()
+        self.warnings.unattributed(watcher)
         packed, layout = watcher.pack(contribution_scale, grad_scale, group, names)
         # the collectors' partial sums and earlier steps' NaN flags ride in the same transfer
         extras = [c.pack(optimizer).to(packed.device, torch.float64).reshape(-1) for c in self.collectors]
@@ -493,49 +429,7 @@ class MonitorCore:
                 return {k: v for k, v in metrics.items() if not _from_gradients(k)}
         else:
             self._report_nonfinite(self.nonfinite.from_metrics(metrics, step))
-        return self._drop_partial_uses(metrics, layout)
-
-    # -- "the uses don't add up" ----------------------------------------------------------------
-    def _warn_unattributed(self) -> None:
-        tracker = self.watcher.tracker
-        if tracker is None or not tracker.active:
-            return
-        missing = self.watcher.capture_problem()
-        if missing is not None:
-            self._warn_once("not-walked", f"`ParameterMonitor`: {missing}")
-        if not tracker.has_seen_forward:
-            return
-        for name, why in tracker.unattributed().items():
-            self._warn_once(
-                f"unattributed:{name}",
-                f"`ParameterMonitor`: the uses of `{name}` cannot all be seen ({why}): its per-use "
-                "contributions are not logged.",
-            )
-
-    def _drop_partial_uses(self, metrics: dict[str, float], layout: stats.StatsLayout) -> dict[str, float]:
-        """Per-use values whose sites do not add up to the gradient: say why, once."""
-        for name, _ in layout.shared:
-            error = metrics.get(tags.shared_grad_error(name), 0.0)
-            # a NaN/inf gradient makes the error meaningless: the non-finite report covers it
-            if not (math.isfinite(error) and error > UNSEEN_USE_TOLERANCE):
-                continue
-            if self.fit.accumulated_before:
-                # manual optimization accumulated earlier batches into `.grad`: the uses of the
-                # logging batch are only part of it, and the earlier batches were not tracked
-                self._warn_once(
-                    "manual-accumulation",
-                    "`ParameterMonitor`: manual optimization accumulated gradients over several batches before "
-                    "`optimizer.step()`; the per-use contributions are tracked on the logging batch only, so they "
-                    "are part of the gradient: `shared_grad*` tags are not written on such steps.",
-                )
-                return {k: v for k, v in metrics.items() if not k.startswith(tags.SHARED_GRAD)}
-            self._warn_once(
-                f"unseen:{name}",
-                f"`ParameterMonitor`: the uses seen of shared parameter `{name}` add up to its gradient only "
-                f"within {error:.2g} (relative): part of its gradient did not come through the backward passes "
-                "the monitor walked (reentrant checkpointing, or a gradient written or accumulated by hand).",
-            )
-        return metrics
+        return self.warnings.partial_uses(metrics, layout, self.fit.accumulated_before)
 
     def _read_pending_nonfinite(self) -> None:
         record = self.nonfinite.device_record()
@@ -550,88 +444,25 @@ class MonitorCore:
         if report is None:
             return
         if report.first:
-            for sink in self._rich_sinks():
-                sink.text(tags.NONFINITE_TAG, report.markdown(), report.step)
+            self.writer.text(tags.NONFINITE_TAG, report.markdown(), report.step)
         self.nonfinite.raise_if_asked(report)
         distributed.warn_rank_zero(report.message())
 
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self.fit.warned:
-            self.fit.warned.add(key)
-            distributed.warn_rank_zero(message)
-
     # -- writing ---------------------------------------------------------------------------------
-    def _rich_sinks(self) -> list[Sink]:
-        return [sink for sink in self.runtime.sinks() if sink.rich]
-
-    def _first_at_step(self, values: dict[str, Any]) -> dict[str, Any]:
-        """What was not written yet at this step label: a parameter of two optimizers is written at the first."""
-        fresh = {k: v for k, v in values.items() if k not in self.fit.written}
-        self.fit.written.update(fresh)
-        return fresh
-
-    def _write_scalars(self, metrics: dict[str, float], step: int) -> None:
-        if metrics:
-            for sink in self.runtime.sinks():
-                sink.scalars(metrics, step)
-
-    def _shared_sites(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-        tracker = self.watcher.tracker
-        call_sites = tracker.call_sites() if tracker is not None else {}
-        shared_names = set(tracker.shared_names()) if tracker is not None else set()
-        return call_sites, {n: s for n, s in call_sites.items() if n in shared_names}
-
-    def _write_summary(self, module: torch.nn.Module, step: int, logs: bool) -> None:
-        call_sites, shared = self._shared_sites()
-        rows = parameter_table(module, call_sites)
-        table = format_markdown(rows)
-        config = self.config
-        for sink in self._rich_sinks():
-            sink.text(tags.SUMMARY_TAG, table, step)
-            sink.layout(shared, config.log_update_ratio, config.log_dead_units)
-        self._write_metadata(step, rows, shared, logged=self.fit.steps_logged + int(logs))
-        self.fit.summary_pending = False
-
-    def _write_metadata(self, step: int, rows: Any = None, shared: Any = None, logged: int | None = None) -> None:
-        """The tab's run metadata; ``steps_logged`` 0 says "no step logged yet" (rewritten when that changes)."""
-        if rows is None:
-            call_sites, shared = self._shared_sites()
-            rows = parameter_table(self.watcher.module, call_sites)
+    def _status(self, step: int, logged: int | None = None) -> dict[str, int]:
+        """The run's logging status in the tab's metadata (``steps_logged`` 0: no step logged yet)."""
         logged = self.fit.steps_logged if logged is None else logged
         run = max(self.fit.steps_run, step + 1)
-        status = {"steps_logged": logged, "log_every_n_steps": self.every_n, "steps_run": run}
-        for sink in self._rich_sinks():
-            sink.run_metadata(rows, shared, step, status)
-        self.fit.metadata_logged = logged
+        return {"steps_logged": logged, "log_every_n_steps": self.every_n, "steps_run": run}
 
     def _write_histograms(self, optimizer: Optimizer, names: set[str], step: int) -> None:
-        if not self._rich_sinks():
+        if not self.writer.rich():
             return
-        # rank 0 holds one shard of a sharded parameter: its histogram would mislead (gathering costs a collective)
-        params = [(n, p) for n, p in self.watcher.named_params if n in names and not distributed.is_sharded(p)]
-        weights = {tags.weight_hist(n): p.detach().float() for n, p in params}
-        grads = {tags.grad_hist(n): p.grad.detach().float() for n, p in params if p.grad is not None}
         scaler = self.runtime.grad_scaler()
-        if scaler is not None and grads and not optimizer_unscaled(scaler, optimizer):
-            inv_scale = inverse_scale(scaler)  # the optimizer unscales itself: the grads are scaled
-            grads = {tag: g * inv_scale.to(g.device) for tag, g in grads.items()}
-        values = self._first_at_step({**weights, **grads})
-        if not values:
-            return
-        flags = torch.stack([torch.isfinite(v).all() for v in values.values()]).tolist()  # one sync
-        finite = dict(zip(values, flags, strict=True))
-        if scaler is not None and not all(finite.get(tag, True) for tag in grads):
-            values = {t: v for t, v in values.items() if t not in grads}  # an overflow: GradScaler skips this step
-        skipped = [tag for tag in values if not finite[tag]]
-        if skipped:
-            self._warn_once(
-                "histogram",
-                "`ParameterMonitor`: histograms of non-finite (NaN/inf) values are not written "
-                f"({', '.join(skipped[:3])} at step {step}; shown once per fit): they would be empty or wrong.",
-            )
-        kept = {tag: v for tag, v in values.items() if finite[tag]}
-        for sink in self._rich_sinks():
-            sink.histograms(kept, step)
+        still_scaled = scaler is not None and not optimizer_unscaled(scaler, optimizer)  # it unscales itself
+        inv_scale = inverse_scale(scaler) if still_scaled else None
+        weights, grads = histogram_values(self.watcher.named_params, names, inv_scale)
+        self.writer.histograms(weights, grads, scaler is not None, step, self.warnings.once)
 
 
 def _from_gradients(tag: str) -> bool:
@@ -645,4 +476,3 @@ def _signature(module: torch.nn.Module) -> Signature:
     materialized (lazy: its type changes) parameter, or a replaced/moved module, changes it. 4x cheaper than
     ``named_parameters()`` (no path strings): 65 µs for 76 tensors, 1.4 ms for 1,000 in 500 modules."""
     return tuple((k, id(p), type(p)) for sub in module.modules() for k, p in sub._parameters.items())
-
