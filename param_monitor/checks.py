@@ -12,6 +12,7 @@ import math
 import torch
 
 from param_monitor import distributed, tags
+from param_monitor.parameters import parameter_aliases
 from param_monitor.stats import StatsLayout
 from param_monitor.watcher import ParameterWatcher
 
@@ -56,6 +57,22 @@ class FitWarnings:
                 f"unattributed:{name}",
                 f"`ParameterMonitor`: the uses of `{name}` cannot all be seen ({why}): its per-use "
                 "contributions are not logged.",
+            )
+
+    def uncaptured(self, watcher: ParameterWatcher, layout: StatsLayout) -> None:
+        """A parameter registered under several names (tied) has a gradient but no use was captured:
+        its gradient came through a backward pass that was not announced."""
+        tracker = watcher.tracker
+        if tracker is None or not tracker.walked:
+            return  # never walked: `unattributed` said so
+        tied = {name for name, aliases in parameter_aliases(watcher.module).items() if aliases}
+        seen = {name for name, _ in layout.shared} | set(tracker.unattributed())
+        for name in sorted(tied & set(layout.grad_names) - seen):
+            self.once(
+                f"uncaptured:{name}",
+                f"`ParameterMonitor`: shared parameter `{name}` has a gradient but none of its uses was captured: "
+                "the backward pass that made it was not announced (`before_backward(loss)`, or `s.backward(loss)` "
+                "with `PlainMonitor`), so its `shared_grad*` tags are not written.",
             )
 
     def partial_uses(

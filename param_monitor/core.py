@@ -408,6 +408,7 @@ class MonitorCore:
         group = distributed.reduction_group()  # every rank reaches here on the same steps
         self.warnings.unattributed(watcher)
         packed, layout = watcher.pack(contribution_scale, grad_scale, group, names)
+        self.warnings.uncaptured(watcher, layout)
         # the collectors' partial sums and earlier steps' NaN flags ride in the same transfer
         extras = [c.pack(optimizer).to(packed.device, torch.float64).reshape(-1) for c in self.collectors]
         record = self.nonfinite.device_record()

@@ -1,6 +1,9 @@
-"""The framework-free core: statistics of one model, with or without shared-use tracking.
+"""Statistics of one model, with or without shared-use tracking: what the monitor's core computes with.
 
-Usable from a plain PyTorch loop with a ``SummaryWriter``:
+In a plain PyTorch loop use :class:`param_monitor.PlainMonitor` (two calls per step, the same tags,
+table and run metadata as the Lightning callback, and a warning for every call forgotten). The
+watcher's own step methods still work; every one of them is needed, in this order (a step without
+``before_backward(loss)`` cannot see the uses, and :meth:`ParameterWatcher.compute` warns):
 
 >>> import torch, torch.nn as nn
 >>> from torch.utils.tensorboard import SummaryWriter

@@ -138,3 +138,25 @@ def test_a_failed_step_leaves_no_hook_and_the_next_one_logs(tmp_path: Path) -> N
     assert s.metrics["shared_grad_error/1.weight"] < 1e-6
     assert math.isclose(s.metrics["grad_norm/1.weight"], model[1].weight.grad.norm().item(), rel_tol=1e-6)
     monitor.close()
+
+
+def test_a_tied_parameter_whose_backward_was_not_announced_is_named(tmp_path: Path) -> None:
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.wte = nn.Embedding(9, 4)
+            self.head = nn.Linear(4, 9, bias=False)
+            self.head.weight = self.wte.weight  # registered twice: shared by construction
+            self.other = nn.Linear(4, 4)
+
+    torch.manual_seed(0)
+    model = Tied()
+    monitor, optimizer = monitor_of(model, tmp_path)
+    idx = torch.randint(0, 9, (6,))
+    with pytest.warns(UserWarning, match=r"shared parameter `wte.weight` has a gradient but none of its uses"):
+        with monitor.step(0) as s:
+            s.backward(model.other(torch.randn(3, 4)).sum())  # announced: no use of the tied weight
+            F.cross_entropy(model.head(model.wte(idx)), idx).backward()  # not announced
+            s.log(optimizer)
+    assert "grad_norm/wte.weight" in s.metrics and "shared_grad_error/wte.weight" not in s.metrics
+    monitor.close()
