@@ -145,6 +145,7 @@ class MonitorCore:
         self._before_clip: dict[int, dict[str, float]] = {}  # statistics taken before clipping, per optimizer
         self._measured: set[int] = set()  # optimizers whose statistics this batch has taken
         self._post_hooks: dict[int, RemovableHandle] = {}
+        self._stepping: dict[int, bool] = {}  # per optimizer: whether its step under way is a logging one
 
     def _new_writer(self) -> RunWriter:
         return RunWriter(lambda: self.runtime.sinks(), self.config.log_update_ratio, self.config.log_dead_units)
@@ -260,6 +261,7 @@ class MonitorCore:
             return []
         logs = self.machine.logs_now(step)
         self._hooks("before_optimizer_step", optimizer, logs)
+        self._stepping[id(optimizer)] = logs  # for `after_optimizer_step`, which may come after the batch
         problems = self.machine.before_optimizer_step(step)
         self._watch_step(optimizer)
         self.fit.steps_run = max(self.fit.steps_run, step + 1)
@@ -305,7 +307,7 @@ class MonitorCore:
         """``after_optimizer_step`` from torch's public step post-hook (none for a step GradScaler skips)."""
         if self.hooks and id(optimizer) not in self._post_hooks:
             self._post_hooks[id(optimizer)] = optimizer.register_step_post_hook(
-                lambda opt, args, kwargs: self._hooks("after_optimizer_step", opt, self.machine.logging)
+                lambda opt, args, kwargs: self._hooks("after_optimizer_step", opt, self._stepping.get(id(opt), False))
             )
 
     def batch_end(self, accumulating: bool, step_may_follow: bool = False) -> list[Problem]:

@@ -160,3 +160,36 @@ def test_a_tied_parameter_whose_backward_was_not_announced_is_named(tmp_path: Pa
             s.log(optimizer)
     assert "grad_norm/wte.weight" in s.metrics and "shared_grad_error/wte.weight" not in s.metrics
     monitor.close()
+
+
+def test_step_hooks_see_the_phases_of_a_plain_loop_even_with_step_after_the_block(tmp_path: Path) -> None:
+    from param_monitor.core import StepHook
+
+    class Record(StepHook):
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, bool]] = []
+
+        def batch_start(self, logging: bool) -> None:
+            self.seen.append(("batch_start", logging))
+
+        def after_optimizer_step(self, optimizer: torch.optim.Optimizer, logging: bool) -> None:
+            self.seen.append(("after_optimizer_step", logging))
+
+    model = shared_block()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = PlainMonitor(model, SummaryWriter(str(tmp_path)), log_every_n_steps=2)
+    hook = Record()
+    monitor.core.hooks.append(hook)
+    for step in range(2):
+        optimizer.zero_grad()
+        with monitor.step(step) as s:
+            s.backward(model(torch.randn(8, 2)).sum())
+            s.log(optimizer)
+        optimizer.step()  # after the block: the hook still learns it was the logging step's
+    monitor.close()
+    assert hook.seen == [
+        ("batch_start", False),
+        ("after_optimizer_step", False),
+        ("batch_start", True),
+        ("after_optimizer_step", True),
+    ]
