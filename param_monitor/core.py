@@ -33,11 +33,14 @@ Extension points (other features plug in with a few lines):
   ``batch_start``, before it at the others). E.g. a ``torch.compile`` stance set at ``batch_start``
   of a logging batch and restored at ``before_optimizer_step``/``batch_end``/``on_exception``/``teardown``;
   activation hooks installed on logging steps; optimizer-state norms after the step.
-- :class:`Collector`: ``core.collectors.append(collector)``; on a logging step, ``pack(optimizer)``
-  returns a 1-D float64 tensor of partial sums (on any device) that rides in the step's ONE
-  device-to-host transfer (appended after the statistics; summed over the ranks with them when the
-  parameters are sharded, rank-local otherwise), and ``finalize(values)`` turns its slice of the
-  host values into metrics (``{tag: value}``) written with the step's.
+- :class:`Collector`: ``core.collectors.append(collector)``; ``start(module)`` at the first batch
+  of a logging step (e.g. to install activation hooks for that step only); at the optimizer step
+  (each optimizer's, with several), ``pack(optimizer)`` returns a 1-D float64 tensor of partial
+  sums (on any device) that rides in the step's ONE device-to-host transfer (appended after the
+  statistics; summed over the ranks with them when the parameters are sharded, rank-local
+  otherwise), and ``finalize(values)`` turns its slice of the host values into metrics
+  (``{tag: value}``) written with the step's. Its tags' family is declared with
+  ``tags.register(MetricFamily(...))`` (the tab, the report and the docs read the registry).
 """
 
 from __future__ import annotations
@@ -99,7 +102,15 @@ class StepHook:
 
 
 class Collector(Protocol):
-    """Extra partial sums that ride in a logging step's one transfer (see the module docstring)."""
+    """Extra partial sums that ride in a logging step's one transfer (see the module docstring).
+
+    A collector that holds hooks or buffers also implements :class:`StepHook` (``on_exception``,
+    ``teardown``) and is added to ``core.hooks`` too.
+    """
+
+    def start(self, module: torch.nn.Module) -> None:
+        """The first batch of a logging step begins (before its forward pass)."""
+        ...
 
     def pack(self, optimizer: Optimizer) -> Tensor:
         """1-D float64 partial sums of this logging step (empty: nothing this time)."""
@@ -216,6 +227,8 @@ class MonitorCore:
             self.fit.accumulated_before = self.machine.accumulated_before and any(
                 p.grad is not None for _, p in watcher.named_params
             )
+            for collector in self.collectors:
+                collector.start(module)
         fit = self.fit
         if logs or fit.summary_pending or fit.count_calls_pending or self._histograms_due(step):
             if not watcher.tracking:  # (with several optimizers tracking lasts the batch)

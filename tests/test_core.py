@@ -141,6 +141,10 @@ class SquaredGradSum:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.started: list[nn.Module] = []
+
+    def start(self, module: nn.Module) -> None:
+        self.started.append(module)
 
     def pack(self, optimizer: torch.optim.Optimizer) -> Tensor:
         return torch.stack([p.grad.double().square().sum() for p in self.model.parameters() if p.grad is not None])
@@ -163,7 +167,8 @@ def test_core_logs_every_family_with_hooks_and_collectors_without_a_trainer() ->
     hook = Calls()
     core.start(model, every_n=2)
     core.hooks.append(hook)
-    core.collectors.append(SquaredGradSum(model))
+    collector = SquaredGradSum(model)
+    core.collectors.append(collector)
     x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
     grads = {}
     for step in range(4):
@@ -178,6 +183,7 @@ def test_core_logs_every_family_with_hooks_and_collectors_without_a_trainer() ->
         opt.step()
         assert core.batch_end(accumulating=False) == []
     core.end()
+    assert collector.started == [model, model]  # the first batch of each logging step
     rows = loop.sink.scalar_rows
     assert sorted(rows) == [1, 3]
     for step in (1, 3):

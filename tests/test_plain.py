@@ -193,3 +193,58 @@ def test_step_hooks_see_the_phases_of_a_plain_loop_even_with_step_after_the_bloc
         ("batch_start", True),
         ("after_optimizer_step", True),
     ]
+
+
+@pytest.mark.parametrize("unscale_first", [True, False], ids=["unscale_-then-log", "log-scaled"])
+def test_grad_scaler_values_are_logged_unscaled(tmp_path: Path, unscale_first: bool) -> None:
+    model = shared_block()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    monitor = PlainMonitor(model, SummaryWriter(str(tmp_path)), log_every_n_steps=1, scaler=scaler)
+    x = torch.randn(8, 2)
+    with monitor.step(0) as s:
+        s.backward(scaler.scale(model(x).square().mean()))
+        if unscale_first:
+            scaler.unscale_(optimizer)
+        s.log(optimizer)
+        scaled = not unscale_first
+        grad = model[1].weight.grad / (1024.0 if scaled else 1.0)  # the oracle: the gradient the step uses
+    scaler.step(optimizer)
+    scaler.update()
+    monitor.close()
+    assert math.isclose(s.metrics["grad_norm/1.weight"], grad.norm().item(), rel_tol=1e-6)
+    assert s.metrics["shared_grad_error/1.weight"] < 1e-6
+    uses = [s.metrics[f"shared_grad/1.weight/{site}"] for site in ("1", "3")]
+    assert sum(uses) >= grad.norm().item() * (1 - 1e-6)  # the uses are unscaled too (triangle inequality)
+
+
+def test_several_optimizers_get_one_total_each(tmp_path: Path) -> None:
+    model = shared_block()
+    first, second = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model[0], model[1]))
+    monitor = PlainMonitor(model, SummaryWriter(str(tmp_path)), log_every_n_steps=1, optimizers=[first, second])
+    with monitor.step(0) as s:
+        s.backward(model(torch.randn(8, 2)).square().mean())
+        s.log(first)
+        first_metrics = s.metrics
+        s.log(second)
+    monitor.close()
+    norm = lambda m: math.sqrt(sum(p.grad.double().square().sum().item() for p in m.parameters()))  # noqa: E731
+    assert math.isclose(first_metrics["grad_norm_total/optimizer_0"], norm(model[0]), rel_tol=1e-6)
+    assert math.isclose(s.metrics["grad_norm_total/optimizer_1"], norm(model[1]), rel_tol=1e-6)
+    assert s.metrics["shared_grad_error/1.weight"] < 1e-6  # the shared layer's uses, at its own optimizer's step
+
+
+def test_nonfinite_between_logging_steps_is_recorded(tmp_path: Path) -> None:
+    model = shared_block()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    monitor = PlainMonitor(model, SummaryWriter(str(tmp_path)), log_every_n_steps=3, check_finite_every_step=True)
+    with pytest.warns(UserWarning, match=r"non-finite \(NaN/inf\) gradients first at step 1, in 1.weight"):
+        for step in range(3):
+            optimizer.zero_grad()
+            with monitor.step(step) as s:
+                s.backward(model(torch.randn(8, 2)).sum())
+                if step == 1:
+                    model[1].weight.grad[0, 0] = float("nan")
+                s.log(optimizer)
+    monitor.close()
+    assert read_texts(tmp_path, "param_monitor/nonfinite")
