@@ -113,6 +113,15 @@ class PlainMonitor:
         self.core.end()
         self.core.teardown()
 
+    def __enter__(self) -> PlainMonitor:  # `with PlainMonitor(model, writer) as monitor:` closes it at the end
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if exc_info[0] is None:
+            self.close()
+        else:
+            self.core.teardown()  # a failed run: hooks off, nothing more to report
+
     def _warn(self, key: Problem | str, message: str) -> None:
         if key not in self._warned:  # once per monitor: a loop repeats its mistake every step
             self._warned.add(key)

@@ -248,3 +248,16 @@ def test_nonfinite_between_logging_steps_is_recorded(tmp_path: Path) -> None:
                 s.log(optimizer)
     monitor.close()
     assert read_texts(tmp_path, "param_monitor/nonfinite")
+
+
+def test_a_short_plain_run_says_why_it_logged_nothing_when_its_block_ends(tmp_path: Path) -> None:
+    model = shared_block()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"logged no step: the fit ran 3 optimizer step\(s\) and logs every 50"):
+        with PlainMonitor(model, SummaryWriter(str(tmp_path))) as monitor:
+            for step in range(3):
+                with monitor.step(step) as s:
+                    s.backward(model(torch.randn(8, 2)).sum())
+                    s.log(optimizer)
+    meta = parse_run_metadata(load_events(tmp_path).Tensors("param_monitor/run_metadata")[-1].tensor_proto)
+    assert (meta["steps_logged"], meta["steps_run"]) == (0, 3)
