@@ -9,16 +9,18 @@ step's phases are the pure :class:`~param_monitor.phases.StepMachine`; the optio
 the writing ``run_writer.py``'s; the once-per-fit warnings ``checks.py``'s. The frameworks are
 shells: ``callback.ParameterMonitor`` (Lightning) and ``plain.PlainMonitor`` (a hand-written loop).
 
-Events, in the order a training loop calls them (every one a no-op before :meth:`MonitorCore.start`):
+Events, in the order a training loop calls them (every one a no-op before :meth:`MonitorCore.start`).
+The phase events return the :class:`~param_monitor.phases.Problem` s they saw (calls missing or out
+of order): the plain API warns with them, Lightning (which calls its hooks in order) has none.
 
 =====================================================  ===============================================
-``start(module, every_n, track_shared)``               a fit begins: the module's parameters are indexed
-``batch_start(step, module) -> bool``                  a batch (micro-batch) begins; True on logging steps
+``start(module, every_n, track_shared=None)``          a fit begins: the module's parameters are indexed
+``batch_start(step, module) -> (logs, problems)``      a batch (micro-batch) begins; logs: a logging step
 ``before_backward(loss)`` / ``after_backward()``       around each backward pass
 ``before_clip(optimizer, step)``                       before gradient clipping (statistics taken here)
 ``before_optimizer_step(optimizer, step, module)``     gradients final: statistics written
-``after_optimizer_step(optimizer)``                    (a ``register_step_post_hook``, automatic)
-``batch_end(accumulating)``                            the batch is over
+(``after_optimizer_step``)                             the hooks' event, from torch's step post-hook
+``batch_end(accumulating, step_may_follow=False)``     the batch is over
 ``end()``                                              the fit finished normally
 ``abort_batch(exc)``                                   a batch failed; the next one may run
 ``on_exception(exc)`` / ``teardown()``                 the fit failed / ended: hooks off, buffers freed
@@ -57,7 +59,7 @@ from torch.utils.hooks import RemovableHandle
 
 from param_monitor import distributed, stats, tags
 from param_monitor._torch import inverse_scale, optimizer_unscaled
-from param_monitor.checks import UNSEEN_USE_TOLERANCE, FitWarnings  # noqa: F401  (re-exported)
+from param_monitor.checks import FitWarnings
 from param_monitor.config import MonitorConfig
 from param_monitor.nonfinite import NonFinitePolicy, NonFiniteReport
 from param_monitor.phases import Problem, StepMachine
