@@ -947,3 +947,42 @@ def test_barebones_trainer_is_refused_with_the_truth(tmp_path: Path) -> None:
     match = r"barebones=True\)`: barebones mode forbids loggers.*PlainMonitor"
     with pytest.raises(MisconfigurationException, match=match):
         trainer.fit(SharedMLP(), loader())
+
+
+class ManualClippingTwoOptimizers(ManualClipping):
+    """Two optimizers (the shared layer in the second), each clipped before its step."""
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        shared = list(self.net[3].parameters())
+        rest = [p for n, p in self.named_parameters() if not n.startswith("net.3.")]
+        return [torch.optim.SGD(rest, lr=self.lr), torch.optim.SGD(shared, lr=self.lr)]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        step = step_label(self.trainer)
+        self._record_uses(x, y, step)
+        optimizers = self.optimizers()
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(F.cross_entropy(self(x), y))
+        self.before_clip[step] = {n: p.grad.detach().clone() for n, p in self.named_parameters()}
+        for opt in optimizers:
+            self.clip_gradients(opt, gradient_clip_val=0.01, gradient_clip_algorithm="norm")
+            opt.step()
+
+
+def test_manual_clipping_with_two_optimizers_logs_each_total_before_clipping(tmp_path: Path) -> None:
+    module = ManualClippingTwoOptimizers()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, scalars = fit(module, tmp_path, max_steps=4)  # global_step counts both optimizers' steps
+    assert not [w for w in record if "ParameterMonitor" in str(w.message)]
+    for step in range(2):
+        grads = module.before_clip[step]
+        shared = ["net.3.weight", "net.3.bias"]
+        norm_shared = math.sqrt(sum(grads[n].double().square().sum().item() for n in shared))
+        norm_rest = math.sqrt(sum(g.double().square().sum().item() for n, g in grads.items() if n not in shared))
+        assert_close(scalars["grad_norm_total/optimizer_1"][step], norm_shared)
+        assert_close(scalars["grad_norm_total/optimizer_0"][step], norm_rest)
+        assert norm_shared > 0.011  # really clipped
+        assert scalars["shared_grad_error/net.3.weight"][step] < 1e-6
