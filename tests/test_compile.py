@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -25,10 +26,13 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from torch._dynamo.utils import counters
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.tensorboard import SummaryWriter
 
-from param_monitor import ParameterMonitor
+from param_monitor import ParameterMonitor, PlainMonitor
 from param_monitor._lightning import should_accumulate, step_label
 from param_monitor.compile import EagerStance, compiled_parts, graphed_parts
+from param_monitor.core import EagerLoggingSteps, MonitorCore
+from tests.helpers.events import read_scalars
 from tests.helpers.modules import fit
 
 V, D, T = 11, 6, 5  # vocabulary, width, sequence length
@@ -206,7 +210,16 @@ def check_against_twin(module: LM, scalars: dict[str, dict[int, float]], accumul
             assert logged[f"shared_grad_error/{name}"][step] < 1e-6
 
 
-def check_no_compile_on_plain_steps(guard: RecompileGuard) -> None:
+def eager_hook(core: MonitorCore) -> EagerLoggingSteps:
+    (hook,) = [h for h in core.hooks if isinstance(h, EagerLoggingSteps)]  # registered by the core itself
+    return hook
+
+
+def stance() -> str:
+    return torch._dynamo.eval_frame._stance.stance  # read only
+
+
+def check_no_compile_on_plain_steps(guard: RecompileGuard | SimpleNamespace) -> None:
     # steps 0 (naming the call sites) and 1 (logging) ran eagerly: nothing traced, no graph break
     assert guard.before == {"graphs": 0, "recompiles": 0, "graph_breaks": 0, "compiled_autograd": 0}
     assert guard.counts is not None and guard.counts["graphs"] >= 1, guard.counts  # the model was compiled
@@ -231,7 +244,7 @@ def test_per_use_tags_equal_the_untied_twin_under_every_way_of_compiling(how: st
     module, scalars, guard = fit_compiled(how, tmp_path)
     check_against_twin(module, scalars, accumulate=1)
     check_no_compile_on_plain_steps(guard)
-    assert not module.trainer.callbacks[1]._stance.held
+    assert not eager_hook(module.trainer.callbacks[1]._core).stance.held
     if how == "compiled autograd":
         assert guard.counts["compiled_autograd"] >= 1  # the plain steps' backward was compiled
 
@@ -385,3 +398,43 @@ def test_every_forward_pass_of_a_tracked_batch_with_several_optimizers_is_eager(
         assert sorted(scalars[f"shared_grad_error/{name}"]) == [1, 3]
         assert max(scalars[f"shared_grad_error/{name}"].values()) < 1e-6
     assert compile_counts()["graph_breaks"] == 0 and compile_counts()["recompiles"] == 0
+
+
+def test_plain_api_runs_the_logging_steps_eagerly_too(tmp_path: Path) -> None:
+    # the same stance hook, from the core: the `with monitor.step()` block of a tracked step runs eagerly
+    # up to `s.log`, its per-use tags equal the untied twin's; the other steps run the compiled graph
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    plain = Net()
+    model = torch.compile(plain, backend="aot_eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    oracle = SimpleNamespace(snapshots={})
+    guard = SimpleNamespace(before=None, counts=None, stances={})
+    inside: dict[int, tuple[str, str]] = {}  # step: (stance in the forward, stance after `s.log`)
+    try:
+        with PlainMonitor(model, SummaryWriter(str(tmp_path)), log_every_n_steps=EVERY) as monitor:
+            for step, (x, y) in enumerate(data(1)):
+                guard.stances[step] = stance()
+                if step == 2:
+                    guard.before = compile_counts()
+                if (step + 1) % EVERY == 0:
+                    weights = {n: p.detach().clone() for n, p in plain.named_parameters()}
+                    oracle.snapshots[step] = (weights, [(x.clone(), y.clone())])
+                optimizer.zero_grad()
+                with monitor.step(step) as s:
+                    forward = stance()
+                    s.backward(lm_loss(model, x, y))
+                    s.log(optimizer)
+                    inside[step] = (forward, stance())
+                optimizer.step()
+                if step == 2:
+                    guard.counts = compile_counts()
+                    torch.compiler.set_stance("fail_on_recompile")  # from now on a recompile fails the step
+    finally:
+        torch.compiler.set_stance("default")
+    assert {s for s, (forward, _) in inside.items() if forward == "force_eager"} == {0, 1, 3, 5}  # 0: call sites
+    assert {after for _, after in inside.values()} <= {"default", "fail_on_recompile"}  # the user's, at `s.log`
+    check_against_twin(oracle, read_scalars(tmp_path), accumulate=1)  # type: ignore[arg-type]
+    check_no_compile_on_plain_steps(guard)
+    assert not eager_hook(monitor.core).stance.held
