@@ -765,6 +765,7 @@ def test_compile_without_eager_logging_steps_turns_tracking_off_with_warning(tmp
         ({"log_summary": 1}, r"`log_summary` must be True or False"),
         ({"check_finite_every_step": None}, r"`check_finite_every_step` must be True or False"),
         ({"raise_on_nonfinite": "yes"}, r"`raise_on_nonfinite` must be True or False"),
+        ({"eager_logging_steps": 1}, r"`eager_logging_steps` must be True or False, got 1"),
         ({"log_every_n_steps": True}, r"`log_every_n_steps` must be a positive int.*True"),
         ({"histogram_every_n_steps": True}, r"`histogram_every_n_steps` must be an int >= 0"),
         ({"aggregate_depth": True}, r"`aggregate_depth` must be a positive int"),
