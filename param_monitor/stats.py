@@ -47,6 +47,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from param_monitor import reduce
 from param_monitor.dtensor import local_tensor
 from param_monitor.tags import (  # noqa: F401  (re-exported: the schema lives in tags.py)
     DEAD_UNITS,
@@ -132,41 +133,6 @@ class StatsLayout:
         return torch.tensor(weights, dtype=torch.float64)
 
 
-def _dense(t: Tensor) -> Tensor:
-    return t.coalesce().values() if t.is_sparse else t
-
-
-def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """L2 norms, fused per dtype: fp16/bf16/fp32 accumulated in fp32, fp64 in fp64, complex as |z|."""
-    if not tensors:
-        return []
-    out: list[Tensor | None] = [None] * len(tensors)
-    groups: dict[torch.dtype | None, list[int]] = {}
-    for i, t in enumerate(tensors):
-        key = t.dtype if (t.dtype == torch.float64 or t.is_complex()) else None
-        groups.setdefault(key, []).append(i)
-    for key, index in groups.items():
-        dense = [_dense(tensors[i]) for i in index]
-        norms = torch._foreach_norm(dense, 2) if key is not None else torch._foreach_norm(dense, 2, dtype=torch.float32)
-        for i, n in zip(index, norms, strict=True):
-            out[i] = n
-    return out  # type: ignore[return-value]
-
-
-def _stack_double(scalars: Sequence[Tensor]) -> Tensor:
-    """One float64 vector of 0-dim results: one stack per dtype, not one conversion per scalar."""
-    first = scalars[0]
-    if all(s.dtype == first.dtype and s.device == first.device for s in scalars):
-        return torch.stack(list(scalars)).double()
-    return torch.stack([s.to(first.device, torch.float64) for s in scalars])  # mixed dtypes or devices
-
-
-def _sum(t: Tensor) -> Tensor:
-    if t.is_complex():
-        return t.new_zeros((), dtype=torch.float64)  # no mean for complex values (StatsLayout.no_mean)
-    return _dense(t).sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-
-
 def partial_sums(
     weights: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -181,23 +147,47 @@ def partial_sums(
     gradient-derived sum of squares, e.g. ``1/scale**2`` when gradients are still scaled by AMP.
     ``dead_unit_grads``: gradients whose rows (output units) that are all zero are counted.
     """
+    # a shared parameter's gradient is read once, by its shared pass, which gives its |g|^2 too
+    in_shared = {id(g) for g, _ in shared}
+    own = [g for g in grads if id(g) not in in_shared]
+    moments, grams = reduce.reduce([*weights, *own], [(uses, g) for g, uses in shared])
     pieces: list[Tensor] = []
-    norms = _norms([*weights, *grads])
-    if norms:
-        sq = _stack_double(norms).square()
-        w_sq, g_sq = sq[: len(weights)], sq[len(weights) :]
+    if weights or grads:
+        n_w = len(weights)
+        w_sum = moments[:n_w, 1]
+        if any(w.is_complex() for w in weights):  # no mean for complex values (StatsLayout.no_mean)
+            w_sum = w_sum * torch.tensor([0.0 if w.is_complex() else 1.0 for w in weights], dtype=torch.float64).to(
+                w_sum.device
+            )
+        g_sq = _grad_squares(grads, moments[n_w:, 0], shared, grams)
         if grad_scale is not None:
             g_sq = g_sq * grad_scale
-        w_sum = _stack_double([_sum(w) for w in weights]) if weights else w_sq.new_zeros(0)
-        pieces += [w_sq, w_sum, g_sq]
+        pieces += [moments[:n_w, 0], w_sum, g_sq]
     if dead_unit_grads:
         pieces.append(torch.stack([_dead_rows(g) for g in dead_unit_grads]).double())
-    for grad, uses in shared:
-        pieces.append(_shared_partial_sums(grad, uses, grad_scale))
+    for gram in grams:  # [|c_i|^2, <c_i, c_j>, |sum c - g|^2] (|g|^2 went to grad_sq)
+        pieces.append(gram[:-1] * grad_scale if grad_scale is not None else gram[:-1])
     if not pieces:
         return torch.zeros(0, dtype=torch.float64)
     device = pieces[0].device
     return torch.cat([p.to(device) for p in pieces])
+
+
+def _grad_squares(
+    grads: Sequence[Tensor], own_sq: Tensor, shared: Sequence[tuple[Tensor, Sequence[Tensor]]], grams: list[Tensor]
+) -> Tensor:
+    """|g|^2 in ``grads``' order: from the per-tensor pass, and for shared parameters from their shared pass."""
+    if not grams:
+        return own_sq
+    from_shared = {id(g): k for k, (g, _) in enumerate(shared)}
+    n_own, order, k_own = own_sq.numel(), [], 0
+    for g in grads:
+        k = from_shared.get(id(g))
+        order.append(k_own if k is None else n_own + k)
+        k_own += k is None
+    shared_sq = torch.stack([gram[-1] for gram in grams]).to(own_sq.device)
+    index = torch.tensor(order, dtype=torch.long).to(own_sq.device, non_blocking=True)
+    return torch.cat([own_sq, shared_sq]).index_select(0, index)
 
 
 def _dead_rows(grad: Tensor) -> Tensor:
@@ -212,31 +202,6 @@ def _pair_count(m: int) -> int:
     cosines near 0 came out 1e-4 wrong (relative) in fp32.
     """
     return m * (m - 1) // 2
-
-
-def _shared_partial_sums(grad: Tensor, uses: Sequence[Tensor], grad_scale: Tensor | None) -> Tensor:
-    """[‖c_i‖² (m), <c_i, c_j> (i<j), ‖S − grad‖²], S = Σ c_i.
-
-    The uses are read, never written (they may be autograd's own tensors).
-    """
-    uses = [u.to_dense() if u.is_sparse else u for u in uses]
-    total = uses[0]
-    if len(uses) > 1:
-        total = uses[0] + uses[1]
-        for other in uses[2:]:
-            total.add_(other)
-    sq = _stack_double(_norms(uses)).square()
-    dots = [
-        torch.vdot(uses[i].reshape(-1), uses[j].reshape(-1)).real.double()
-        for i in range(len(uses))
-        for j in range(i + 1, len(uses))
-    ]
-    # Σ uses − grad: the sum is the monitor's own, not autograd's
-    dense_grad = grad.to_dense() if grad.is_sparse else grad
-    residual = total.sub_(dense_grad) if len(uses) > 1 else torch.sub(total, dense_grad)
-    err_sq = _norms([residual])[0].to(torch.float64).square().reshape(1)
-    out = torch.cat([sq, torch.stack(dots) if dots else sq.new_zeros(0), err_sq])
-    return out * grad_scale if grad_scale is not None else out
 
 
 def finalize(values: Sequence[float], layout: StatsLayout, aggregate_depth: int | None = None) -> dict[str, float]:
@@ -361,7 +326,7 @@ def pack(
     ``dead_unit_names``: the weights (of Linear/Conv layers) whose all-zero gradient rows are counted.
     """
     # sharded (DTensor) parameters: partial sums of the local shards, numel of the whole tensor
-    weights = [(n, local_tensor(p).detach()) for n, p in named_params]
+    weights = [(n, local_tensor(p)) for n, p in named_params]  # read under no_grad: no detach
     grads = [(n, local_tensor(p.grad)) for n, p in named_params if p.grad is not None]
     grad_by_name = dict(grads)
     shared = [(n, uses) for n, uses in contributions.items() if n in grad_by_name and uses]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from param_monitor.stats import Reduction, StatsLayout, finalize, pack, parameter_statistics, to_host
@@ -130,3 +131,127 @@ def test_layout_declares_every_position_once_with_its_reduction() -> None:
 def test_empty_layout() -> None:
     layout = StatsLayout([], [], [])
     assert layout.length == 0 and layout.replica_weights({}, 2, 0) is None
+
+
+# -- exactness at language-model scale (issue 15): fp64 references ------------------------------------------
+def rel(value: float, reference: float) -> float:
+    return abs(value - reference) / abs(reference)
+
+
+def reference_statistics(w: torch.Tensor, uses: list[torch.Tensor], grad: torch.Tensor) -> dict[str, float]:
+    """The metrics of one shared parameter with two uses, from float64 copies (the oracle)."""
+    w64, g64 = w.double(), grad.double()
+    c = [u.double() for u in uses]
+    total = c[0] + c[1]
+    ss = total.square().sum()
+    ref = {
+        "weight_norm/w": w64.square().sum().sqrt().item(),
+        "weight_mean/w": w64.mean().item(),
+        "grad_norm/w": g64.square().sum().sqrt().item(),
+        "shared_grad/w/a": c[0].square().sum().sqrt().item(),
+        "shared_grad/w/b": c[1].square().sum().sqrt().item(),
+        "shared_grad_share/w/a": ((c[0] * total).sum() / ss).item(),
+        "shared_grad_share/w/b": ((c[1] * total).sum() / ss).item(),
+        "shared_grad_error/w": ((total - g64).square().sum().sqrt() / g64.square().sum().sqrt()).item(),
+    }
+    ref["shared_grad_cosine/w"] = (
+        (c[0] * c[1]).sum() / (c[0].square().sum().sqrt() * c[1].square().sum().sqrt())
+    ).item()
+    return ref
+
+
+def big_shared_parameter(n: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A weight of ``n`` values (offset mean, as trained weights have) whose gradient is the sum of two uses.
+
+    The uses are correlated (cosine ~0.6, a tied embedding's look) and their fp32 sum is the gradient: its
+    rounding makes the true error ~1e-8, which only an fp64 residual sees.
+    """
+    g = torch.Generator().manual_seed(n)
+    w = (torch.randn(n, generator=g) * 1e-3 + 2e-4).to(dtype)
+    common = torch.randn(n, generator=g)
+    a = (common + 0.8 * torch.randn(n, generator=g)).mul_(1e-3).to(dtype)
+    b = (common + 0.8 * torch.randn(n, generator=g)).mul_(7e-4).to(dtype)
+    return leaf(w, a + b), [a, b]
+
+
+@pytest.mark.slow
+def test_a_2_25_value_tensor_is_within_1e6_of_float64() -> None:
+    """2^25 values (a GPT-2 embedding has 38.6M): fp32 norms drift to ~1e-3 at this length."""
+    w, (a, b) = big_shared_parameter(2**25)
+    m = parameter_statistics([("w", w)], {"w": {"a": a, "b": b}})
+    ref = reference_statistics(w.detach(), [a, b], w.grad)
+    assert ref["shared_grad_error/w"] > 0  # the fp32 sum of the uses rounds: an error an fp64 residual sees
+    for key, expected in ref.items():
+        assert rel(m[key], expected) < 1e-6, (key, m[key], expected)
+
+
+@pytest.mark.parametrize("n", [1000, 2**20 + 7, 2**23 + 1])
+def test_every_metric_within_1e6_of_float64(n: int) -> None:
+    w, (a, b) = big_shared_parameter(n)
+    m = parameter_statistics([("w", w)], {"w": {"a": a, "b": b}})
+    ref = reference_statistics(w.detach(), [a, b], w.grad)
+    for key, expected in ref.items():
+        assert rel(m[key], expected) < 1e-6, (key, m[key], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_within_1e6_of_float64(dtype: torch.dtype) -> None:
+    w, (a, b) = big_shared_parameter(2**21 + 3, dtype)
+    m = parameter_statistics([("w", w)], {"w": {"a": a, "b": b}})
+    ref = reference_statistics(w.detach(), [a, b], w.grad)
+    for key, expected in ref.items():
+        assert rel(m[key], expected) < 1e-6, (key, dtype, m[key], expected)
+
+
+def test_shards_of_one_tensor_add_up_to_the_whole() -> None:
+    """What a sharded run all-reduces: the shards' partial sums, summed, are the whole tensor's (1e-9)."""
+    torch.manual_seed(0)
+    whole = leaf(torch.randn(2**22 + 5) * 1e-2 + 3e-3, torch.randn(2**22 + 5))
+    packed, layout = pack([("w", whole)], {})
+    bounds = [0, 1_000_003, 1_000_004, 2_900_000, whole.numel()]  # uneven, one shard of one value
+    shards = [
+        leaf(whole.detach()[lo:hi], whole.grad[lo:hi]) for lo, hi in zip(bounds, bounds[1:], strict=False)
+    ]
+    summed = sum(pack([("w", s)], {})[0] for s in shards)
+    for got, expected in zip(summed.tolist(), packed.tolist(), strict=True):
+        assert rel(got, expected) < 1e-9
+    whole64 = whole.detach().double()
+    assert rel(packed[0].item(), whole64.square().sum().item()) < 1e-9  # weight_sq
+    assert rel(packed[1].item(), whole64.sum().item()) < 1e-9  # weight_sum
+    assert rel(packed[2].item(), whole.grad.double().square().sum().item()) < 1e-9  # grad_sq
+
+
+def test_huge_and_tiny_finite_values_neither_overflow_nor_underflow() -> None:
+    big = torch.full((1000,), 1e20)
+    tiny = torch.full((1000,), 1e-30)
+    m = parameter_statistics([("big", leaf(big, big * 3)), ("tiny", leaf(tiny, tiny * 3))])
+    assert rel(m["weight_norm/big"], 1e20 * math.sqrt(1000)) < 1e-6
+    assert rel(m["grad_norm/big"], 3e20 * math.sqrt(1000)) < 1e-6
+    assert rel(m["weight_norm/tiny"], 1e-30 * math.sqrt(1000)) < 1e-6
+    assert rel(m["grad_norm/tiny"], 3e-30 * math.sqrt(1000)) < 1e-6
+    assert rel(m["grad_norm_total"], 3e20 * math.sqrt(1000)) < 1e-6
+    # the largest finite fp32 values: a norm beyond fp32's range, still right as a Python float
+    top = torch.full((4,), torch.finfo(torch.float32).max)
+    m = parameter_statistics([("top", leaf(top, top))])
+    assert rel(m["grad_norm/top"], 2 * torch.finfo(torch.float32).max) < 1e-6
+
+
+def test_nan_and_inf_still_come_out_non_finite() -> None:
+    g = torch.randn(5000)
+    g[17] = float("nan")
+    h = torch.randn(5000)
+    h[3] = float("inf")
+    m = parameter_statistics([("g", leaf(torch.randn(5000), g)), ("h", leaf(torch.randn(5000), h))])
+    assert math.isnan(m["grad_norm/g"]) and m["grad_norm/h"] == math.inf
+
+
+def test_mixed_dtypes_in_one_shared_parameter() -> None:
+    """fp32 contribution buffers for a bf16 parameter (its gradient bf16)."""
+    torch.manual_seed(0)
+    a, b = torch.randn(3000), torch.randn(3000)
+    grad = (a + b).bfloat16()
+    w = leaf(torch.randn(3000).bfloat16(), grad)
+    m = parameter_statistics([("w", w)], {"w": {"a": a, "b": b}})
+    ref = reference_statistics(w.detach(), [a, b], grad)
+    for key, expected in ref.items():
+        assert rel(m[key], expected) < 1e-6, (key, m[key], expected)
