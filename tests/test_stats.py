@@ -255,3 +255,86 @@ def test_mixed_dtypes_in_one_shared_parameter() -> None:
     ref = reference_statistics(w.detach(), [a, b], grad)
     for key, expected in ref.items():
         assert rel(m[key], expected) < 1e-6, (key, m[key], expected)
+
+
+# -- the two engines: the compiled kernel and the pure-torch fallback ------------------------------------------
+def mixed_step() -> tuple[list[tuple[str, torch.Tensor]], dict[str, dict[str, torch.Tensor]]]:
+    """Parameters of every dtype the kernel reads, one non-contiguous, one shared with three uses."""
+    g = torch.Generator().manual_seed(3)
+    params = []
+    for i, dtype in enumerate([torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.float32]):
+        shape = (300 + i, 70) if i != 4 else (70, 301)
+        values = (torch.randn(shape, generator=g) * 0.1 + 0.01).to(dtype)
+        grad = torch.randn(shape, generator=g).to(dtype)
+        params.append((f"p{i}", leaf(values.t() if i == 4 else values, grad.t() if i == 4 else grad)))
+    uses = [torch.randn(300, 70, generator=g) for _ in range(3)]
+    params[0][1].grad = uses[0] + uses[1] + uses[2]
+    return params, {"p0": {f"u{i}": u for i, u in enumerate(uses)}}
+
+
+def test_the_engines_give_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    params, uses = mixed_step()
+    monkeypatch.setenv("PARAM_MONITOR_ENGINE", "compiled")
+    compiled = pack(params, uses)[0]
+    monkeypatch.setenv("PARAM_MONITOR_ENGINE", "torch")
+    plain = pack(params, uses)[0]
+    assert compiled.shape == plain.shape
+    for got, expected in zip(compiled.tolist(), plain.tolist(), strict=True):
+        assert got == expected or abs(got - expected) <= 1e-12 * abs(expected), (got, expected)
+
+
+def test_the_kernel_gives_the_same_bits_on_any_thread_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    from param_monitor import reduce
+
+    x = [torch.randn(3_000_001), torch.randn(70_000)]
+    monkeypatch.setenv("PARAM_MONITOR_ENGINE", "compiled")
+    monkeypatch.setattr(reduce, "PARALLEL_MIN", 0)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(reduce.reduce(x, [([x[0], x[0]], x[0])]))
+    finally:
+        torch.set_num_threads(threads)
+    for moments, grams in results[1:]:
+        assert torch.equal(moments, results[0][0]) and torch.equal(grams[0], results[0][1][0])
+
+
+def test_without_a_compiler_the_torch_engine_is_chosen_and_named_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from param_monitor import reduce
+
+    params, uses = mixed_step()
+    expected = pack(params, uses)[0]
+    monkeypatch.setenv("PARAM_MONITOR_CACHE_DIR", str(tmp_path))  # nothing cached there
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("PARAM_MONITOR_ENGINE", "auto")
+    monkeypatch.setattr(reduce, "_kernel", None)
+    monkeypatch.setattr(reduce, "_kernel_error", None)
+    monkeypatch.setattr(reduce, "_named", set())
+    with caplog.at_level("INFO", logger="param_monitor"):
+        first = pack(params, uses)[0]
+        pack(params, uses)
+    named = [r.getMessage() for r in caplog.records if "engine" in r.getMessage()]
+    assert len(named) == 1 and "pure-torch" in named[0] and "no-such-compiler" in named[0]
+    assert reduce.engine_name() == "torch"
+    assert torch.allclose(first, expected, rtol=1e-12, atol=0)
+    monkeypatch.setenv("PARAM_MONITOR_ENGINE", "compiled")
+    with pytest.raises(RuntimeError, match="cannot be built"):
+        pack(params, uses)
+    monkeypatch.setenv("PARAM_MONITOR_ENGINE", "fast")
+    with pytest.raises(ValueError, match="auto, compiled, torch"):
+        pack(params, uses)
+
+
+def test_the_kernel_is_built_once_and_cached_on_disk(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from param_monitor import reduce
+
+    monkeypatch.setenv("PARAM_MONITOR_CACHE_DIR", str(tmp_path))
+    for _ in range(2):
+        monkeypatch.setattr(reduce, "_kernel", None)
+        monkeypatch.setattr(reduce, "_kernel_error", None)
+        assert reduce.kernel() is not None, reduce._kernel_error
+    assert len(list(tmp_path.glob("reduce-*.so"))) == 1 and not list(tmp_path.glob("tmp*"))
