@@ -99,7 +99,7 @@ def _use_kernel(tensors: Sequence[Tensor]) -> bool:
         )
         return False
     if not all(t.dtype in _DTYPES for t in tensors):
-        _name_once("dtype", "param_monitor statistics: the torch float64 engine for fp16 (no _Float16 in this compiler)")
+        _name_once("dtype", "param_monitor statistics: torch float64 engine for fp16 (the compiler lacks _Float16)")
         return False
     return True
 
