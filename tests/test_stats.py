@@ -338,3 +338,36 @@ def test_the_kernel_is_built_once_and_cached_on_disk(monkeypatch: pytest.MonkeyP
         monkeypatch.setattr(reduce, "_kernel_error", None)
         assert reduce.kernel() is not None, reduce._kernel_error
     assert len(list(tmp_path.glob("reduce-*.so"))) == 1 and not list(tmp_path.glob("tmp*"))
+
+
+# -- a 1e20 gradient through a real Trainer -------------------------------------------------------------------
+def test_a_1e20_gradient_is_logged_finite_and_right_without_a_nonfinite_record(tmp_path) -> None:
+    """fp32 squares overflow from 1.8e19: the old norms were inf, a false non-finite record, a raised error."""
+    import warnings
+
+    from param_monitor import ParameterMonitor
+    from param_monitor.tags import NONFINITE_TAG
+    from tests.helpers.events import read_texts
+    from tests.helpers.modules import TOL, SharedMLP, fit
+
+    module = SharedMLP()
+    module.poison_steps, module.poison_value = {1}, 1e20  # the loss times 1e20: every gradient ~1e19-1e20
+    monitor = ParameterMonitor(raise_on_nonfinite=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer, scalars = fit(module, tmp_path, monitor, max_steps=2)  # raises on a non-finite record
+    assert not [w for w in record if "non-finite" in str(w.message)]
+    assert not read_texts(trainer.logger.log_dir, NONFINITE_TAG)
+    grads = module.grads[1]  # recorded by the module itself, after the monitor read them
+    assert max(g.abs().max().item() for g in grads.values()) > 1e19
+    for name, g in grads.items():
+        assert rel(scalars[f"grad_norm/{name}"][1], g.double().norm().item()) < 1e-6
+    total = math.sqrt(sum(g.double().square().sum().item() for g in grads.values()))
+    assert rel(scalars["grad_norm_total"][1], total) < 1e-6
+    # per-use values: the oracle's uses come from the unscaled loss (shares and cosines do not see a scale)
+    a, b = (module.uses[1][("net.3.weight", site)].double() for site in ("net.3", "net.6"))
+    assert rel(scalars["shared_grad/net.3.weight/net.3"][1], 1e20 * a.norm().item()) < TOL
+    share = ((a * (a + b)).sum() / (a + b).square().sum()).item()
+    assert rel(scalars["shared_grad_share/net.3.weight/net.3"][1], share) < TOL
+    cosine = ((a * b).sum() / (a.norm() * b.norm())).item()
+    assert abs(scalars["shared_grad_cosine/net.3.weight"][1] - cosine) < TOL
