@@ -156,9 +156,8 @@ def partial_sums(
         n_w = len(weights)
         w_sum = moments[:n_w, 1]
         if any(w.is_complex() for w in weights):  # no mean for complex values (StatsLayout.no_mean)
-            w_sum = w_sum * torch.tensor([0.0 if w.is_complex() else 1.0 for w in weights], dtype=torch.float64).to(
-                w_sum.device
-            )
+            real = torch.tensor([0.0 if w.is_complex() else 1.0 for w in weights], dtype=torch.float64)
+            w_sum = w_sum * real.to(w_sum.device, non_blocking=True)
         g_sq = _grad_squares(grads, moments[n_w:, 0], shared, grams)
         if grad_scale is not None:
             g_sq = g_sq * grad_scale
