@@ -243,7 +243,7 @@ def check_against_oracle(module: Any, scalars: dict, label: str) -> None:
             worse("cosine", abs(scalars[f"shared_grad_cosine/{shared}"][step] - cosine))
             worse("shares sum - 1", abs(sum(shares) - 1))
     limits = {"grad_norm": 1e-6, "weight_norm": 1e-6, "weight_mean (abs/|w|rms)": 1e-6, "per-use norm": 2e-3,
-              "share": 2e-3, "cosine": 2e-3, "shares sum - 1": 1e-9}  # fmt: skip
+              "share": 2e-3, "cosine": 2e-3, "shares sum - 1": 1e-6}  # fmt: skip  (event files hold float32)
     print(f"  {label}: {len(steps)} logged steps checked ({skipped} skipped by GradScaler)")
     for key, limit in limits.items():
         if key in worst:
