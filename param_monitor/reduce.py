@@ -84,7 +84,7 @@ def _use_kernel(tensors: Sequence[Tensor]) -> bool:
     if setting == "torch":
         _name_once("torch", "param_monitor statistics: the pure-torch float64 engine (PARAM_MONITOR_ENGINE=torch)")
         return False
-    if any(t.device.type != "cpu" for t in tensors):
+    if not all(t.is_cpu for t in tensors):  # (is_cpu: 70 ns, .device.type: 400 ns; x 10,000 tensors)
         _name_once("device", "param_monitor statistics: the torch float64 engine for tensors not on the CPU")
         return False  # CUDA: the torch engine, which serves every device without a host sync
     lib = kernel()
@@ -97,9 +97,6 @@ def _use_kernel(tensors: Sequence[Tensor]) -> bool:
             "engine: the same numbers, slower on CPU",
             logging.WARNING,
         )
-        return False
-    if not all(t.dtype in _DTYPES for t in tensors):
-        _name_once("dtype", "param_monitor statistics: torch float64 engine for fp16 (the compiler lacks _Float16)")
         return False
     return True
 
@@ -181,7 +178,7 @@ def _flat(t: Tensor, dense: bool = False) -> Tensor:
         t = t.to_dense() if dense else t.coalesce().values()
     if t.is_complex():
         t = torch.view_as_real(t.resolve_conj())
-    if t.device.type == "cpu" and not t.is_contiguous():
+    if t.is_cpu and not t.is_contiguous():
         t = t.contiguous()  # a copy (rare: parameters and gradients are contiguous): the kernel reads memory in order
     return t
 
@@ -202,18 +199,22 @@ def reduce(
         readable = [*flat, *(t for uses, g in flat_groups for t in (*uses, g))]
         fits = all(len(uses) <= MAX_USES for uses, _ in flat_groups)
         if readable and fits and _use_kernel(readable):
-            return _reduce_compiled(flat, flat_groups)
+            codes = [_DTYPES.get(t.dtype, -1) for t in readable]
+            if -1 not in codes:
+                return _reduce_compiled(flat, flat_groups, codes)
+            _name_once("dtype", "param_monitor statistics: torch float64 engine for fp16 (the compiler lacks _Float16)")
         return _reduce_torch(flat, flat_groups)
 
 
-def _reduce_compiled(flat: list[Tensor], groups: list[tuple[list[Tensor], Tensor]]) -> tuple[Tensor, list[Tensor]]:
+def _reduce_compiled(
+    flat: list[Tensor], groups: list[tuple[list[Tensor], Tensor]], dts: list[int]
+) -> tuple[Tensor, list[Tensor]]:
+    """``dts``: the dtype codes of ``flat`` and then of each group's uses and gradient."""
     n = len(flat)
     lengths = [gram_length(len(uses)) for uses, _ in groups]
     out = torch.empty(2 * n + sum(lengths), dtype=torch.float64)
-    dtypes = _DTYPES
     m = [1] * n
     ptrs = [t.data_ptr() for t in flat]
-    dts = [dtypes[t.dtype] for t in flat]
     numel = [t.numel() for t in flat]
     offsets = list(range(0, 2 * n, 2))
     at = 2 * n
@@ -223,7 +224,6 @@ def _reduce_compiled(flat: list[Tensor], groups: list[tuple[list[Tensor], Tensor
             raise ValueError(f"a use's contribution has {[t.numel() for t in uses]} values, its gradient {g.numel()}")
         m.append(len(members))
         ptrs += [t.data_ptr() for t in members]
-        dts += [dtypes[t.dtype] for t in members]
         numel.append(g.numel())
         offsets.append(at)
         at += length

@@ -314,6 +314,10 @@ def parameter_statistics(
     return finalize(to_host(packed), layout)
 
 
+# exact types, never a DTensor (an isinstance check on a Parameter costs ~1 us: its metaclass)
+_PLAIN = frozenset({Tensor, torch.nn.Parameter})
+
+
 def pack(
     named_params: Sequence[tuple[str, Tensor]],
     contributions: Mapping[str, Mapping[str, Tensor]],
@@ -324,24 +328,39 @@ def pack(
 
     ``dead_unit_names``: the weights (of Linear/Conv layers) whose all-zero gradient rows are counted.
     """
-    # sharded (DTensor) parameters: partial sums of the local shards, numel of the whole tensor
-    weights = [(n, local_tensor(p)) for n, p in named_params]  # read under no_grad: no detach
-    grads = [(n, local_tensor(p.grad)) for n, p in named_params if p.grad is not None]
-    grad_by_name = dict(grads)
+    # sharded (DTensor) parameters: partial sums of the local shards, numel of the whole tensor.
+    # One loop, cheap checks first: 5,000 tensors make every microsecond per tensor 5 ms.
+    w_names: list[str] = []
+    weights: list[Tensor] = []
+    numels: list[int] = []
+    g_names: list[str] = []
+    grads: list[Tensor] = []
+    no_mean: list[str] = []
+    for n, p in named_params:
+        w_names.append(n)
+        weights.append(p if type(p) in _PLAIN else local_tensor(p))  # read under no_grad: no detach
+        numels.append(p.numel())
+        if p.is_complex():
+            no_mean.append(n)
+        g = p.grad
+        if g is not None:
+            g_names.append(n)
+            grads.append(g if type(g) in _PLAIN else local_tensor(g))
+    grad_by_name = dict(zip(g_names, grads, strict=True))
     shared = [(n, uses) for n, uses in contributions.items() if n in grad_by_name and uses]
     dead = [(n, p) for n, p in named_params if n in dead_unit_names and n in grad_by_name and p.dim() >= 2]
     dead = [(n, p) for n, p in dead if not grad_by_name[n].is_sparse]
     layout = StatsLayout(
-        weight_names=[n for n, _ in weights],
-        weight_numels=[p.numel() for _, p in named_params],
-        grad_names=[n for n, _ in grads],
+        weight_names=w_names,
+        weight_numels=numels,
+        grad_names=g_names,
         shared=[(n, list(uses)) for n, uses in shared],
-        no_mean=frozenset(n for n, p in named_params if p.is_complex()),
+        no_mean=frozenset(no_mean),
         dead_units=[(n, p.shape[0]) for n, p in dead],
     )
     packed = partial_sums(
-        [w for _, w in weights],
-        [g for _, g in grads],
+        weights,
+        grads,
         [(grad_by_name[n], list(uses.values())) for n, uses in shared],
         grad_scale,
         [grad_by_name[n] for n, _ in dead],

@@ -39,3 +39,14 @@ def test_nan_inf_and_the_edges_of_float32_are_written_as_they_are(tmp_path: Path
     scalars = {tag: v[1] for tag, v in read_scalars(tmp_path).items()}
     assert math.isnan(scalars["nan"]) and scalars["inf"] == math.inf and scalars["zero"] == 0.0
     assert math.isclose(scalars["max"], 3.4e38, rel_tol=1e-7) and scalars["small"] > 0
+
+
+def test_the_hand_encoded_summary_is_the_protobuf_one() -> None:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from param_monitor.writers import scalars_summary
+
+    metrics = {"grad_norm/w": 6.0, "x" * 300: -1.5e-3, "weight_mean/ü": math.nan, "inf": -math.inf, "z": 0.0}
+    expected = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in metrics.items()])
+    got = scalars_summary(metrics)
+    assert got.SerializeToString() == expected.SerializeToString()
