@@ -153,7 +153,9 @@ def _load() -> ctypes.CDLL:
         how = f"compiled in {time.perf_counter() - t0:.1f} s into {path}"
     else:
         how = f"loaded from {path}"
-    lib = ctypes.CDLL(str(path))
+    # PyDLL: the GIL stays held for the ~ms call. Released (CDLL), a waiting Python thread (TensorBoard's
+    # event writer) takes it, and getting it back can cost a switch interval (5 ms) on a busy machine.
+    lib = ctypes.PyDLL(str(path))
     if lib.pm_abi() != 1:
         raise RuntimeError(f"{path}: unexpected kernel ABI")
     lib.pm_reduce.restype = ctypes.c_int
