@@ -64,14 +64,41 @@ static inline v4d load4_f16(const _Float16* x) {
 
 static inline double hsum(v4d a) { return (a[0] + a[1]) + (a[2] + a[3]); }
 
-/* sum x^2 and sum x over [lo, hi): 16 lanes in 4 vector accumulators each */
-#define MOMENTS(NAME, T, LOAD4, LOAD1)                                          \
+/* eight values as doubles: one AVX-512 register where the CPU has it, two AVX2 ones otherwise */
+typedef float v8f __attribute__((vector_size(32)));
+typedef double v8d __attribute__((vector_size(64)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+static inline v8d load8_f32(const float* x) { v8f a; memcpy(&a, x, sizeof a); return __builtin_convertvector(a, v8d); }
+static inline v8d load8_f64(const double* x) { v8d a; memcpy(&a, x, sizeof a); return a; }
+static inline v8d load8_bf16(const uint16_t* x) {
+  v8h h;
+  memcpy(&h, x, sizeof h);
+  v8u u = __builtin_convertvector(h, v8u) << 16;
+  v8f f;
+  memcpy(&f, &u, sizeof f);
+  return __builtin_convertvector(f, v8d);
+}
+#ifdef __FLT16_MAX__
+typedef _Float16 v8hf __attribute__((vector_size(16)));
+static inline v8d load8_f16(const _Float16* x) {
+  v8hf h;
+  memcpy(&h, x, sizeof h);
+  return __builtin_convertvector(__builtin_convertvector(h, v8f), v8d);
+}
+#endif
+static inline double hsum8(v8d a) {
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+/* sum x^2 and sum x over [lo, hi): 32 lanes, 4 vector accumulators of 8 doubles each */
+#define MOMENTS(NAME, T, LOAD8, LOAD1)                                          \
   static void NAME(const void* p, int64_t lo, int64_t hi, double* out) {        \
     const T* x = (const T*)p;                                                   \
-    v4d q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0}, s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}; \
+    v8d q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0}, s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}; \
     int64_t i = lo;                                                             \
-    for (; i + 16 <= hi; i += 16) {                                             \
-      v4d a = LOAD4(x + i), b = LOAD4(x + i + 4), c = LOAD4(x + i + 8), d = LOAD4(x + i + 12); \
+    for (; i + 32 <= hi; i += 32) {                                             \
+      v8d a = LOAD8(x + i), b = LOAD8(x + i + 8), c = LOAD8(x + i + 16), d = LOAD8(x + i + 24); \
       q0 += a * a; q1 += b * b; q2 += c * c; q3 += d * d;                       \
       s0 += a; s1 += b; s2 += c; s3 += d;                                       \
     }                                                                           \
@@ -81,16 +108,16 @@ static inline double hsum(v4d a) { return (a[0] + a[1]) + (a[2] + a[3]); }
       tq += v * v;                                                              \
       ts += v;                                                                  \
     }                                                                           \
-    out[0] = tq + (hsum(q0) + hsum(q1)) + (hsum(q2) + hsum(q3));                \
-    out[1] = ts + (hsum(s0) + hsum(s1)) + (hsum(s2) + hsum(s3));                \
+    out[0] = tq + (hsum8(q0) + hsum8(q1)) + (hsum8(q2) + hsum8(q3));            \
+    out[1] = ts + (hsum8(s0) + hsum8(s1)) + (hsum8(s2) + hsum8(s3));            \
   }
 
 #define AS_DOUBLE(v) ((double)(v))
-MOMENTS(moments_f32, float, load4_f32, AS_DOUBLE)
-MOMENTS(moments_f64, double, load4_f64, AS_DOUBLE)
-MOMENTS(moments_bf16, uint16_t, load4_bf16, bf16_to_double)
+MOMENTS(moments_f32, float, load8_f32, AS_DOUBLE)
+MOMENTS(moments_f64, double, load8_f64, AS_DOUBLE)
+MOMENTS(moments_bf16, uint16_t, load8_bf16, bf16_to_double)
 #ifdef __FLT16_MAX__
-MOMENTS(moments_f16, _Float16, load4_f16, AS_DOUBLE)
+MOMENTS(moments_f16, _Float16, load8_f16, AS_DOUBLE)
 #endif
 
 static void moments(int dt, const void* p, int64_t lo, int64_t hi, double* out) {
@@ -153,17 +180,17 @@ static void gram(int m, const int64_t* ptrs, const int64_t* dts, int64_t lo, int
 
 /* two uses a, b of one dtype and the gradient g: [|a|^2, |b|^2, <a, b>, |a + b - g|^2, |g|^2] in one loop
    (the tied embedding's case; the residual added in the general path's order, (a - g) + b) */
-#define GRAM2(NAME, T, LOAD4, LOAD1)                                                       \
+#define GRAM2(NAME, T, LOAD8, LOAD1)                                                       \
   static void NAME(const int64_t* ptrs, int64_t lo, int64_t hi, double* out) {             \
     const T *A = (const T*)(intptr_t)ptrs[0], *B = (const T*)(intptr_t)ptrs[1];           \
     const T* G = (const T*)(intptr_t)ptrs[2];                                             \
-    v4d aa0 = {0}, aa1 = {0}, bb0 = {0}, bb1 = {0}, ab0 = {0}, ab1 = {0};                 \
-    v4d rr0 = {0}, rr1 = {0}, gg0 = {0}, gg1 = {0};                                       \
+    v8d aa0 = {0}, aa1 = {0}, bb0 = {0}, bb1 = {0}, ab0 = {0}, ab1 = {0};                 \
+    v8d rr0 = {0}, rr1 = {0}, gg0 = {0}, gg1 = {0};                                       \
     int64_t i = lo;                                                                        \
-    for (; i + 8 <= hi; i += 8) {                                                          \
-      v4d a0 = LOAD4(A + i), a1 = LOAD4(A + i + 4), b0 = LOAD4(B + i), b1 = LOAD4(B + i + 4); \
-      v4d g0 = LOAD4(G + i), g1 = LOAD4(G + i + 4);                                        \
-      v4d r0 = (a0 - g0) + b0, r1 = (a1 - g1) + b1;                                        \
+    for (; i + 16 <= hi; i += 16) {                                                        \
+      v8d a0 = LOAD8(A + i), a1 = LOAD8(A + i + 8), b0 = LOAD8(B + i), b1 = LOAD8(B + i + 8); \
+      v8d g0 = LOAD8(G + i), g1 = LOAD8(G + i + 8);                                        \
+      v8d r0 = (a0 - g0) + b0, r1 = (a1 - g1) + b1;                                        \
       aa0 += a0 * a0; aa1 += a1 * a1; bb0 += b0 * b0; bb1 += b1 * b1;                      \
       ab0 += a0 * b0; ab1 += a1 * b1; rr0 += r0 * r0; rr1 += r1 * r1;                      \
       gg0 += g0 * g0; gg1 += g1 * g1;                                                      \
@@ -173,15 +200,15 @@ static void gram(int m, const int64_t* ptrs, const int64_t* dts, int64_t lo, int
       double a = LOAD1(A[i]), b = LOAD1(B[i]), g = LOAD1(G[i]), r = (a - g) + b;           \
       t[0] += a * a; t[1] += b * b; t[2] += a * b; t[3] += r * r; t[4] += g * g;           \
     }                                                                                      \
-    out[0] = t[0] + (hsum(aa0) + hsum(aa1));                                               \
-    out[1] = t[1] + (hsum(bb0) + hsum(bb1));                                               \
-    out[2] = t[2] + (hsum(ab0) + hsum(ab1));                                               \
-    out[3] = t[3] + (hsum(rr0) + hsum(rr1));                                               \
-    out[4] = t[4] + (hsum(gg0) + hsum(gg1));                                               \
+    out[0] = t[0] + (hsum8(aa0) + hsum8(aa1));                                             \
+    out[1] = t[1] + (hsum8(bb0) + hsum8(bb1));                                             \
+    out[2] = t[2] + (hsum8(ab0) + hsum8(ab1));                                             \
+    out[3] = t[3] + (hsum8(rr0) + hsum8(rr1));                                             \
+    out[4] = t[4] + (hsum8(gg0) + hsum8(gg1));                                             \
   }
 
-GRAM2(gram2_f32, float, load4_f32, AS_DOUBLE)
-GRAM2(gram2_bf16, uint16_t, load4_bf16, bf16_to_double)
+GRAM2(gram2_f32, float, load8_f32, AS_DOUBLE)
+GRAM2(gram2_bf16, uint16_t, load8_bf16, bf16_to_double)
 
 static void gram_any(int m, const int64_t* ptrs, const int64_t* dts, int64_t lo, int64_t hi, double* out) {
   if (m == 3 && dts[0] == dts[1] && dts[1] == dts[2] && (dts[0] == F32 || dts[0] == BF16)) {
