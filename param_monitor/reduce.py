@@ -41,10 +41,10 @@ ENGINES = ("auto", "compiled", "torch")
 SOURCE = Path(__file__).with_name("_reduce.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-pthread", "-std=gnu11"]
 MAX_USES = 15  # the kernel's limit per shared parameter (more: the torch engine for that one)
-# values read below which the kernel stays on one thread: one core reads ~20-28 GB/s here, and on a
-# machine whose cores are shared a helper thread preempted mid-chunk is waited for (a scheduler slice,
-# ~4 ms: at 2 threads under load, 13.7M values took 2.6-3.9x the floor threaded, 1.2x on one thread)
-PARALLEL_MIN = 1 << 24
+# values read below which the kernel stays on one thread (a helper thread costs its start, ~50 us).
+# Above it, torch.get_num_threads() threads share fixed chunks. On the 2-core benchmark VM one core
+# already reads at the memory's speed: 13.7M values took 0.94-0.96x the floor at 2 threads either way.
+PARALLEL_MIN = 1 << 22
 _DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 
 _kernel: ctypes.CDLL | None = None
