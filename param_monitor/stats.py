@@ -9,14 +9,21 @@ The packed vector's layout is declared once, by :class:`StatsLayout`: its segmen
 each with the reduction a multi-process run applies to it. :func:`finalize` reads the segments in
 that order and the distributed path weighs them from the same declaration.
 
-Dtypes: fp16/bf16 values are reduced in fp32, fp64 stays fp64, complex values count as ``|z|``
-(norms, and the real part of dot products; complex parameters get no ``weight_mean``: a mean of
-complex values is not one number); sparse gradients are coalesced.
+Exactness: every sum is accumulated in float64 (:mod:`param_monitor.reduce`), whatever the input
+dtype (fp32, bf16, fp16, fp64): every logged norm, mean, share, cosine and error is within ~1e-14 of
+a float64 reference up to 2^27 values (torch's fp32 CPU norms were 2e-3 off at 2^25 values, 1.5e-2 at
+2^27), no finite fp32 input overflows or underflows (a 1e20 gradient has a finite, right norm; squares
+of 1e-30 do not vanish), the shards of a tensor add up to the whole (1e-9 and better), and the
+residual ``||sum c - g||`` sees the ~1e-8 rounding of an fp32 gradient. Complex values count as
+``|z|`` (norms, and the real part of dot products; complex parameters get no ``weight_mean``: a mean
+of complex values is not one number); sparse gradients are coalesced.
 
-Cost: one ``torch._foreach_norm`` pass over weights and gradients, plus one summation pass over
-the weights for the means: 1.4-1.7x a bare ``_foreach_norm`` of weights and gradients (the bandwidth
-floor) on its own, 2.0x inside a training step in ``benchmarks/monitor_overhead.py``. No CPU
-kernel gives a signed sum and a sum of squares in one pass (``torch.var_mean`` does, 8x slower).
+Cost: one pass over each weight and gradient (sum of squares and sum together), and one more pass
+per shared parameter over its uses and its gradient (giving the gradient's sum of squares too): on
+CPU one call of a compiled kernel for the whole step, elsewhere float64 torch ops. On the benchmark
+model (2026-12-06, 2-core CI-class VM shared with other jobs, ``benchmarks/monitor_overhead.py``),
+the statistics alone take 0.94-1.13x one ``torch._foreach_norm`` of every weight and gradient (the
+bandwidth floor); see the benchmark's SUMMARY for the monitor's whole time per logged step.
 
 The toy from the textbook: a bias-free ``Linear(1, 1)`` with weight 3 used twice on input 1.
 
