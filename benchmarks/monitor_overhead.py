@@ -84,6 +84,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from param_monitor import ParameterMonitor, reduce, stats
 from param_monitor.sharing import SharedUseTracker
+from param_monitor.sinks import TensorBoardSink
 from param_monitor.watcher import ParameterWatcher
 from param_monitor.writers import write_scalars
 
@@ -106,7 +107,7 @@ MONITOR_PARTS: list[Target] = [
     (ParameterWatcher, "pack", "  pack (statistics on device)"),
     (stats, "to_host", "  to_host (the one transfer)"),
     (stats, "finalize", "  finalize (host maths)"),
-    (ParameterMonitor, "_write_scalars", "  write (one Summary event)"),
+    (TensorBoardSink, "scalars", "  write (one Summary event)"),
 ]
 TOP_LEVEL = [label for _, _, label in MONITOR_HOOKS]
 LIGHTNING_LOGGING: Target = (_LoggerConnector, "update_train_step_metrics", "lightning logging")
@@ -268,7 +269,7 @@ class ContributionProbe(Callback):
         self.samples: list[tuple[int, int, int, int]] = []  # buffers, their bytes, shared params, their bytes
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, opt: Any) -> None:
-        watcher = self.monitor._watcher
+        watcher = self.monitor._core.watcher
         if watcher is None or watcher.tracker is None or not watcher.tracking:
             return
         contributions = watcher.tracker.contributions()
