@@ -13,7 +13,6 @@ from collections.abc import Mapping
 import torch
 
 from param_monitor import distributed, tags
-from param_monitor.parameters import parameter_aliases
 from param_monitor.sharing import unseen_use_tolerance
 from param_monitor.stats import StatsLayout
 from param_monitor.watcher import ParameterWatcher
@@ -67,7 +66,7 @@ class FitWarnings:
         tracker = watcher.tracker
         if tracker is None or not tracker.walked:
             return  # never walked: `unattributed` said so
-        tied = {name for name, aliases in parameter_aliases(watcher.module).items() if aliases}
+        tied = watcher.tied_names()  # (cached: one named_parameters walk per fit, not per logging step)
         seen = {name for name, _ in layout.shared} | set(tracker.unattributed())
         for name in sorted(tied & set(layout.grad_names) - seen):
             self.once(

@@ -169,6 +169,8 @@ class NonFinitePolicy:
     # -- a logging step ----------------------------------------------------------------------
     def from_metrics(self, metrics: Mapping[str, float], step: int) -> NonFiniteReport | None:
         """This logging step's own non-finite gradients (read from the metrics: they may name modules)."""
+        if all(map(math.isfinite, metrics.values())):  # the usual case, without a Python loop
+            return None
         prefix = f"{tags.GRAD_NORM}/"
         bad = [k[len(prefix) :] for k, v in metrics.items() if k.startswith(prefix) and not math.isfinite(v)]
         return self._new_report(step, bad, logged=True) if bad else None

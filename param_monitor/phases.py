@@ -44,6 +44,8 @@ class Phase(Enum):
     GRADIENTS = "gradients"  # a backward pass finished: the gradients are ready
     STEPPING = "stepping"  # an optimizer's statistics are taken, its step under way
 
+    __hash__ = object.__hash__  # members are singletons: C hashing for the tables' keys (Enum's is Python)
+
 
 class Problem(Enum):
     """An event that arrived in a phase where the capture cannot have seen what it needs."""

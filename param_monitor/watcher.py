@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.nn.parameter import UninitializedParameter
 
 from param_monitor import distributed
+from param_monitor.parameters import parameter_aliases
 from param_monitor.sharing import SharedUseTracker
 from param_monitor.stats import StatsLayout, finalize, pack, to_host
 
@@ -111,6 +112,14 @@ class ParameterWatcher:
                 old.stop()
             self.tracker = SharedUseTracker(self.module, param_filter=self._keep) if self.track_shared else None
         self._dead_unit_names = _unit_weights(self.module) if self.dead_units else frozenset()
+        self._tied: frozenset[str] | None = None
+
+    def tied_names(self) -> frozenset[str]:
+        """The first names of parameters registered under several names; kept until the next :meth:`refresh`
+        (the core refreshes whenever the module's parameters change)."""
+        if self._tied is None:
+            self._tied = frozenset(name for name, aliases in parameter_aliases(self.module).items() if aliases)
+        return self._tied
 
     def lazy_materialized(self) -> bool:
         """Whether a parameter that was lazy at the last :meth:`refresh` has been materialized since.
@@ -165,7 +174,8 @@ class ParameterWatcher:
 
     @property
     def tracking(self) -> bool:
-        return self.tracker is not None and self.tracker.active
+        tracker = self.tracker  # (read on every step: `tracker.active` without a second call)
+        return tracker is not None and bool(tracker._handles)
 
     def pack(
         self,

@@ -187,3 +187,55 @@ def test_a_fit_without_logged_step_warns_once_and_says_so_in_the_metadata() -> N
 def test_patterns_are_lists_or_tuples_of_str(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         MonitorConfig(**kwargs)
+
+
+class _TorchCalls(torch.overrides.TorchFunctionMode):
+    """Records every torch function or tensor method called while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.seen.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_steps_that_do_not_log_touch_no_tensor_and_logging_steps_no_named_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Steps that do not log: no torch call, no module hook, no walk of the model. Logging steps after the
+    first: no walk through ``named_parameters``/``modules`` (the parameter check walks the modules' own dicts,
+    the tied names are kept while the parameters are unchanged)."""
+    model = shared_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    core = MonitorCore(MonitorConfig(), Loop([opt]))
+    core.start(model, every_n=3)
+    walks: list[str] = []
+    for name in ("named_parameters", "parameters", "named_modules", "modules"):
+        original = getattr(nn.Module, name)
+        counted = lambda self, *a, _n=name, _f=original, **k: walks.append(_n) or _f(self, *a, **k)  # noqa: E731
+        monkeypatch.setattr(nn.Module, name, counted)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    for step in range(9):
+        logs = (step + 1) % 3 == 0
+        walks.clear()
+        torch_calls = _TorchCalls()
+        opt.zero_grad()
+        with torch_calls:
+            core.batch_start(step, model)
+        module_hooks = len(torch.nn.modules.module._global_forward_pre_hooks)
+        loss = F.cross_entropy(model(x), y)
+        with torch_calls:
+            core.before_backward(loss)
+        loss.backward()
+        with torch_calls:
+            core.after_backward()
+            core.before_optimizer_step(opt, step, model)
+        opt.step()
+        with torch_calls:
+            core.batch_end(accumulating=False)
+        if step in (0, 2):
+            continue  # the first step names the uses (the parameter table), the first logged one rewrites it
+        assert walks == [], (step, walks)
+        assert (module_hooks > 0, bool(torch_calls.seen)) == (logs, logs), (step, torch_calls.seen[:5])
+    assert set(core.runtime.sink.scalar_rows) == {2, 5, 8}
+    core.teardown()
