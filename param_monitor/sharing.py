@@ -76,6 +76,7 @@ from torch.autograd.graph import Node
 from torch.nn.parameter import UninitializedParameter
 from torch.utils.hooks import RemovableHandle
 
+from param_monitor._internals import fsdp_unsharded_leaves
 from param_monitor.parameters import parameter_aliases
 
 # Every autograd node takes the next number of a thread-local counter (`Node._sequence_nr()`).
@@ -164,6 +165,11 @@ class SharedUseTracker:
         self._opaque: dict[str, str] = {}  # opaque node kind -> why its uses cannot be seen
         self._failed: dict[int, str] = {}  # parameters whose use could not be recorded in backward
         self._walked = False
+        # Several processes (set by the watcher): `use_hook(name, grad)` returns what to keep of one use
+        # (`grad` itself: kept as usual; another tensor: ours, e.g. this rank's shard of the ranks' mean;
+        # None: nothing); `backward_uses` names the uses hooked in the last backward, for the ranks to agree on.
+        self.use_hook: Callable[[str, Tensor | None], Tensor | None] | None = None
+        self.backward_uses: dict[str, list[str]] = {}
 
     # -- life cycle -------------------------------------------------------------------------
     @property
@@ -369,7 +375,7 @@ class SharedUseTracker:
         self._starts = [c.start for c in self._calls]
         for mid, n in self._n_calls.items():
             self._max_calls[mid] = max(self._max_calls.get(mid, 0), n)
-        incoming, accumulators, opaque = _walk(roots, self._trainable_ids())
+        incoming, accumulators, opaque = _walk(roots, self._leaf_ids())
         for kind in opaque:
             self._opaque.setdefault(kind, _OPAQUE_NODES[kind])
         uses_of: dict[int, list[_Use]] = {}
@@ -378,6 +384,7 @@ class SharedUseTracker:
                 for use in _split(consumer, slot, (), incoming):
                     uses_of.setdefault(pid, []).append(_Use(pid, *use))
         self._walked = True
+        self.backward_uses = {}
         hooks: dict[Node, list[tuple[_Use, str]]] = {}
         for pid, uses in uses_of.items():
             sites = self._label(uses)
@@ -391,6 +398,7 @@ class SharedUseTracker:
                 continue
             if not self._prepare(pid, uses, sites):
                 continue
+            self.backward_uses[self._name_of[pid]] = [self._final(s, self._max_calls) for s in sites]
             for use, site in zip(uses, sites, strict=True):
                 hooks.setdefault(use.node, []).append((use, site))
         for node, targets in hooks.items():
@@ -404,6 +412,17 @@ class SharedUseTracker:
         for pid, state in self._states.items():
             grad = self._param_of[pid].grad
             state.grad_ref = None if grad is None else (id(grad), grad._version)
+
+    def _leaf_ids(self) -> dict[int, int]:
+        """``{id(graph leaf): id(monitored parameter)}``: the parameters themselves and, under FSDP2, the
+        unsharded parameters it swaps into the module slots for each forward (looked up at each walk:
+        they exist only after the first all-gather)."""
+        trainable = self._trainable_ids()
+        leaves = {pid: pid for pid in trainable}
+        for leaf, registered in fsdp_unsharded_leaves(self._root).items():
+            if id(registered) in trainable:
+                leaves[leaf] = id(registered)
+        return leaves
 
     def _trainable_ids(self) -> set[int]:
         return {
@@ -473,13 +492,22 @@ class SharedUseTracker:
         if use.pid in self._failed:
             return
         grad = grad_inputs[use.slot]
-        if grad is None:
-            return
         for node, index in use.chain:
+            if grad is None:
+                break
             out = node(grad)
             grad = out[index] if isinstance(out, tuple) else out
-            if grad is None:
+        if self.use_hook is not None:  # every hooked use reaches it, None too (it may take part in a collective)
+            kept = self.use_hook(self._name_of[use.pid], grad)
+            if kept is not grad:
+                if kept is not None:
+                    state = self._states.setdefault(use.pid, _ParamState())
+                    held = state.buffers.get(site)
+                    state.buffers[site] = kept if held is None else held.add_(kept)
+                    state.owned.add(site)
                 return
+        if grad is None:
+            return
         state = self._states.setdefault(use.pid, _ParamState())
         held = state.buffers.get(site)
         if held is None:
@@ -503,9 +531,12 @@ def _tensors(obj: Any) -> list[Tensor]:
     return []
 
 
-def _walk(roots: list[Node], tracked: set[int]) -> tuple[dict[Node, list[tuple[Node, int]]], dict[Node, int], set[str]]:
+def _walk(
+    roots: list[Node], tracked: dict[int, int]
+) -> tuple[dict[Node, list[tuple[Node, int]]], dict[Node, int], set[str]]:
     """Every edge below ``roots`` as ``{node: [(consumer, slot), ...]}``, the accumulators of the
-    ``tracked`` parameters (``{AccumulateGrad node: id(parameter)}``), and the opaque node kinds seen."""
+    ``tracked`` leaves (``{id(leaf): id(parameter)}``) as ``{AccumulateGrad node: id(parameter)}``,
+    and the opaque node kinds seen."""
     incoming: dict[Node, list[tuple[Node, int]]] = {}
     accumulators: dict[Node, int] = {}
     opaque: set[str] = set()
@@ -522,8 +553,8 @@ def _walk(roots: list[Node], tracked: set[int]) -> tuple[dict[Node, list[tuple[N
             seen.add(nxt)
             kind = type(nxt).__name__
             if kind == "AccumulateGrad":  # a leaf: its `variable` is the parameter
-                pid = id(nxt.variable)
-                if pid in tracked:
+                pid = tracked.get(id(nxt.variable))
+                if pid is not None:
                     accumulators[nxt] = pid
                 continue
             if kind in _OPAQUE_NODES:

@@ -80,6 +80,8 @@ class ParameterWatcher:
         self.aggregate_depth = aggregate_depth
         self.dead_units = dead_units
         self._keep = name_filter(include, exclude)
+        self._capture = False
+        self._divergences_warned: set[tuple[str, tuple[int, ...]]] = set()
         self.refresh()
 
     def refresh(self) -> None:
@@ -94,14 +96,16 @@ class ParameterWatcher:
         ]
         self._lazy = [p for p in self.module.parameters() if isinstance(p, UninitializedParameter)]
         self.sharded = any(distributed.is_sharded(p) for _, p in self.named_params)
-        if self.sharded and self.track_shared:
-            # FSDP swaps in unsharded parameters for each forward: the graph's accumulators are not theirs.
-            distributed.warn_rank_zero(
-                "`param_monitor`: parameters are sharded (FSDP2/DTensor); per-use tracking of shared "
-                "parameters is switched off (per-tensor statistics still work, summed over the shards)."
-            )
-            self.track_shared = False
         self.tracker = SharedUseTracker(self.module, param_filter=self._keep) if self.track_shared else None
+        # several processes: the ranks agree on the uses before combining them (FSDP2: in backward)
+        self._combiner = distributed.UseCombiner(self.named_params, self.module) if self.tracker is not None else None
+        if self._combiner is not None and (self._combiner.sharded or self._combiner.unsupported):
+            self.tracker.use_hook = self._combiner.reduce_use  # type: ignore[union-attr]
+        if self._combiner is not None and self._combiner.unsupported:
+            distributed.warn_rank_zero(
+                "`param_monitor`: per-use tracking needs FSDP2's default sharding (`Shard(0)` over a 1-D mesh); "
+                f"not tracked: {', '.join(self._combiner.unsupported[:5])} (per-tensor statistics still work)."
+            )
         self._dead_unit_names = _unit_weights(self.module) if self.dead_units else frozenset()
 
     def lazy_materialized(self) -> bool:
@@ -116,6 +120,8 @@ class ParameterWatcher:
         """Install the tracking hooks (only on steps that log)."""
         if self.tracker is not None:
             self.tracker.start(capture=capture)
+            self._capture = capture
+            self._combiner.reset()  # type: ignore[union-attr]
 
     def begin_forward(self) -> None:
         if self.tracker is not None:
@@ -124,7 +130,10 @@ class ParameterWatcher:
     def before_backward(self, loss: object) -> None:
         """Before each backward pass of a tracked step: find (and hook) every use in ``loss``'s graph."""
         if self.tracker is not None:
+            self.tracker.backward_uses = {}
             self.tracker.before_backward(loss)
+            if self._capture and self.tracker.active and self._combiner is not None:
+                self._combiner.before_backward(self.tracker.backward_uses)  # FSDP2: before the hooks reduce-scatter
 
     def after_backward(self) -> None:
         """After each backward pass of a tracked step."""
@@ -147,6 +156,7 @@ class ParameterWatcher:
         grad_scale: Tensor | None = None,
         group: distributed.ProcessGroup | None = None,
         names: set[str] | None = None,
+        step: int | None = None,
     ) -> tuple[Tensor, StatsLayout]:
         """Partial sums on the device (the contribution buffers are handed over, never written).
 
@@ -154,7 +164,9 @@ class ParameterWatcher:
         the optimizer's gradients were already unscaled but the hooks saw scaled ones). With
         ``group``, the rank-local contributions are averaged over its ranks first (one collective,
         only if there are any). Sharded partial sums still need :meth:`reduce`. ``names`` restricts
-        everything to those parameters (one optimizer's, when several step in one batch).
+        everything to those parameters (one optimizer's, when several step in one batch). The ranks
+        first agree on the uses (one small all-gather); a parameter whose uses differ between ranks
+        gets no per-use values and one warning (naming ``step``).
         """
         contributions = self.tracker.contributions() if self.tracker is not None else {}
         named_params = self.named_params
@@ -163,15 +175,25 @@ class ParameterWatcher:
             contributions = {n: sites for n, sites in contributions.items() if n in names}
         if self.tracker is not None:
             self.tracker.discard(contributions)  # consumed below: later uses start new buffers
-        keys = [(n, site) for n, sites in contributions.items() for site in sites]
-        buffers = [contributions[n][site] for n, site in keys]
         if contribution_scale is not None:
-            buffers = [buf * contribution_scale for buf in buffers]
-        buffers = distributed.average_contributions(buffers, group)
-        scaled: dict[str, dict[str, Tensor]] = {}
-        for (n, site), buf in zip(keys, buffers, strict=True):
-            scaled.setdefault(n, {})[site] = buf
-        return pack(named_params, scaled, grad_scale, self._dead_unit_names)
+            scale = contribution_scale
+            contributions = {n: {s: b * scale for s, b in sites.items()} for n, sites in contributions.items()}
+        if self._combiner is not None and group is not None:
+            contributions = self._combiner.combine(contributions, [n for n, _ in named_params], group)
+            self._warn_divergence(step)
+        packed, layout = pack(named_params, contributions, grad_scale, self._dead_unit_names)
+        if self._combiner is not None and group is not None and self.sharded:
+            segments = [(seg.kind, seg.length) for seg in layout.segments()]
+            packed = self._combiner.count_shards_once(packed, segments, distributed.dist.get_world_size(group))
+        return packed, layout
+
+    def _warn_divergence(self, step: int | None) -> None:
+        """One warning per step for the parameters whose uses differ between ranks (each pattern once per fit)."""
+        differ = self._combiner.differ if self._combiner is not None else {}
+        new = {n: c for n, c in differ.items() if (n, tuple(c)) not in self._divergences_warned}
+        if new:
+            self._divergences_warned.update((n, tuple(c)) for n, c in new.items())
+            distributed.warn_rank_zero(distributed.divergence_message(new, step))
 
     def reduce(self, packed: Tensor, layout: StatsLayout, group: distributed.ProcessGroup | None) -> Tensor:
         """Sum the shards' partial sums over ``group`` (one collective; none unless parameters are sharded).
