@@ -229,10 +229,9 @@ class UseCombiner:
 
     def before_backward(self, uses: Mapping[str, Sequence[str]]) -> None:
         """Agree on this backward's uses of the sharded parameters (every rank, before the backward runs)."""
-        group = reduction_group()
-        if not self._groups or group is None:
+        if not self._groups:
             return
-        agreement = agree_on_uses(list(self._groups), uses, group)
+        agreement = agree_on_uses(list(self._groups), uses, reduction_group())
         self._note(agreement)
         self._allowed = agreement.agreed - self.dropped
 
