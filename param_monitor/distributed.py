@@ -129,20 +129,26 @@ class Agreement:
     differ: dict[str, list[int]]  # parameters whose uses differ: each rank's use count
 
 
-def agree_on_uses(names: Sequence[str], uses: Mapping[str, Sequence[str]], group: ProcessGroup | None) -> Agreement:
+def agree_on_uses(
+    names: Sequence[str],
+    uses: Mapping[str, Sequence[str]],
+    group: ProcessGroup | None,
+    counts: Mapping[str, int] | None = None,
+) -> Agreement:
     """Whether every rank has the same uses (by site name, in order) of each of ``names``.
 
     ONE ``all_gather`` of ``[use count, site digest]`` per parameter (16 bytes each); every rank
     must call it with the same ``names`` (the monitored parameters: the same model everywhere).
-    Without ``group`` every parameter with uses is agreed.
+    ``counts``: the use counts to report (default: the number of sites in ``uses``). Without
+    ``group`` every parameter with uses is agreed.
     """
     if group is None:
         return Agreement(frozenset(n for n in names if uses.get(n)), {})
     header = torch.zeros(2, len(names), dtype=torch.int64)
     for i, name in enumerate(names):
         sites = uses.get(name)
+        header[0, i] = len(sites or ()) if counts is None else counts.get(name, 0)
         if sites:
-            header[0, i] = len(sites)
             header[1, i] = site_digest(sites)
     device = _collective_device(group)
     header = header.to(device)
@@ -150,9 +156,9 @@ def agree_on_uses(names: Sequence[str], uses: Mapping[str, Sequence[str]], group
     dist.all_gather(gathered, header, group=group)
     table = torch.stack(gathered).cpu()  # [rank, (count, digest), parameter]
     same = (table == table[:1]).all(dim=1).all(dim=0).tolist()
-    counts = table[:, 0].t().tolist()  # per parameter, each rank's count
-    agreed = frozenset(n for n, ok, c in zip(names, same, counts, strict=True) if ok and c[0] > 0)
-    differ = {n: c for n, ok, c in zip(names, same, counts, strict=True) if not ok}
+    per_rank = table[:, 0].t().tolist()  # per parameter, each rank's count
+    agreed = frozenset(n for n, ok in zip(names, same, strict=True) if ok and uses.get(n))
+    differ = {n: c for n, ok, c in zip(names, same, per_rank, strict=True) if not ok}
     return Agreement(agreed, differ)
 
 
@@ -247,16 +253,20 @@ class UseCombiner:
         return shard_of_mean(grad.to_dense() if grad.is_sparse else grad, group)
 
     def combine(
-        self, contributions: Mapping[str, Mapping[str, Tensor]], names: Sequence[str], group: ProcessGroup | None
+        self,
+        contributions: Mapping[str, Mapping[str, Tensor]],
+        names: Sequence[str],
+        group: ProcessGroup | None,
+        counts: Mapping[str, int] | None = None,
     ) -> dict[str, dict[str, Tensor]]:
         """The global contributions of the parameters whose uses every rank agrees on (new tensors for replicated ones).
 
         Sharded parameters' contributions are this rank's shard of the global one already (a
         DTensor ``<earlier>`` gradient is read as its local shard). One all-gather (the agreement)
-        and at most one all-reduce.
+        and at most one all-reduce. ``counts``: each parameter's uses in the step (for the warning).
         """
         kept = {n: sites for n, sites in contributions.items() if n not in self.dropped}
-        agreement = agree_on_uses(names, {n: list(sites) for n, sites in kept.items()}, group)
+        agreement = agree_on_uses(names, {n: list(sites) for n, sites in kept.items()}, group, counts)
         self._note(agreement)
         kept = {n: sites for n, sites in kept.items() if n in agreement.agreed and n not in self.dropped}
         out: dict[str, dict[str, Tensor]] = {}

@@ -394,11 +394,11 @@ class SharedUseTracker:
                 self._site_order[site] = min(self._site_order.get(site, use.seq), use.seq)
             if len(uses) > 1 or pid in self._statically_shared or len(known) > 1:
                 self._shared_seen.add(pid)
+            self.backward_uses[self._name_of[pid]] = [self._final(s, self._max_calls) for s in sites]
             if not self._capture:
                 continue
             if not self._prepare(pid, uses, sites):
                 continue
-            self.backward_uses[self._name_of[pid]] = [self._final(s, self._max_calls) for s in sites]
             for use, site in zip(uses, sites, strict=True):
                 hooks.setdefault(use.node, []).append((use, site))
         for node, targets in hooks.items():

@@ -179,7 +179,8 @@ class ParameterWatcher:
             scale = contribution_scale
             contributions = {n: {s: b * scale for s, b in sites.items()} for n, sites in contributions.items()}
         if self._combiner is not None and group is not None:
-            contributions = self._combiner.combine(contributions, [n for n, _ in named_params], group)
+            counts = {n: len(sites) for n, sites in self.tracker.call_sites().items()}  # type: ignore[union-attr]
+            contributions = self._combiner.combine(contributions, [n for n, _ in named_params], group, counts)
             self._warn_divergence(step)
         packed, layout = pack(named_params, contributions, grad_scale, self._dead_unit_names)
         if self._combiner is not None and group is not None and self.sharded:
