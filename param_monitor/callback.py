@@ -407,7 +407,7 @@ class ParameterMonitor(Callback):
                 grad_scale = inv_scale.double().square()  # optimizer unscales itself: scale the sums
         group = distributed.reduction_group()  # every rank reaches here on the same steps
         self._warn_unattributed(watcher)
-        packed, layout = watcher.pack(contribution_scale, grad_scale, group, names)
+        packed, layout = watcher.pack(contribution_scale, grad_scale, group, names, step=step)
         size = packed.numel()
         record = self._nonfinite.device_record()  # earlier steps' NaN flags ride in the same transfer
         if record is not None:

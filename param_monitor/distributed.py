@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +127,7 @@ class Agreement:
 
     agreed: frozenset[str]  # parameters with uses, the same on every rank
     differ: dict[str, list[int]]  # parameters whose uses differ: each rank's use count
+    listed: frozenset[str] = frozenset()  # parameters with sites on some rank
 
 
 def agree_on_uses(
@@ -159,7 +160,8 @@ def agree_on_uses(
     per_rank = table[:, 0].t().tolist()  # per parameter, each rank's count
     agreed = frozenset(n for n, ok in zip(names, same, strict=True) if ok and uses.get(n))
     differ = {n: c for n, ok, c in zip(names, same, per_rank, strict=True) if not ok}
-    return Agreement(agreed, differ)
+    listed = (table[:, 1] != 0).any(dim=0).tolist()
+    return Agreement(agreed, differ, frozenset(n for n, seen in zip(names, listed, strict=True) if seen))
 
 
 # -- combining per-use contributions -------------------------------------------------------------
@@ -238,7 +240,7 @@ class UseCombiner:
         if not self._groups:
             return
         agreement = agree_on_uses(list(self._groups), uses, reduction_group())
-        self._note(agreement)
+        self._note(agreement, {n for n, counts in agreement.differ.items() if max(counts) > 1})
         self._allowed = agreement.agreed - self.dropped
 
     def reduce_use(self, name: str, grad: Tensor | None) -> Tensor | None:
@@ -267,7 +269,7 @@ class UseCombiner:
         """
         kept = {n: sites for n, sites in contributions.items() if n not in self.dropped}
         agreement = agree_on_uses(names, {n: list(sites) for n, sites in kept.items()}, group, counts)
-        self._note(agreement)
+        self._note(agreement, agreement.listed)
         kept = {n: sites for n, sites in kept.items() if n in agreement.agreed and n not in self.dropped}
         out: dict[str, dict[str, Tensor]] = {}
         keys = []
@@ -297,9 +299,11 @@ class UseCombiner:
             offset += length
         return packed * scale.to(packed.device)
 
-    def _note(self, agreement: Agreement) -> None:
+    def _note(self, agreement: Agreement, shared: Collection[str]) -> None:
+        """Drop what differs; remember it for the warning if it is a shared parameter (split on some rank)."""
         for name, counts in agreement.differ.items():
-            self.differ.setdefault(name, counts)
+            if name in shared:
+                self.differ.setdefault(name, counts)
         self.dropped |= set(agreement.differ)
 
 

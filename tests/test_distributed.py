@@ -535,3 +535,147 @@ def test_callback_aggregates_and_rejects_bad_depth(tmp_path: Path) -> None:
         "grad_norm_total",
     }
     assert "shared_grad/net.2.weight/net.4" in tags
+
+
+# -- DDP ranks that diverge ---------------------------------------------------------------------
+# step: (rank 0's branch, rank 1's branch). "twice": the shared layer at two calls; "once": one call;
+# "none": not at all; "root": one call and one `F.linear` in the LightningModule's own forward (as
+# many uses as "twice", at other sites: same buffer sizes, different meaning).
+BRANCHES = {
+    0: ("twice", "twice"),
+    1: ("twice", "once"),
+    2: ("twice", "none"),
+    3: ("twice", "root"),
+    4: ("twice", "twice"),
+}
+DIVERGED = {1: [2, 1], 2: [2, 0], 3: [2, 2]}
+
+
+def branch_forward(m: nn.Module, x: torch.Tensor, branch: str, use: Callable[[int, torch.Tensor], torch.Tensor]):
+    """The branchy model's maths; ``use(i, h)`` applies the i-th use of the shared layer."""
+    h = torch.tanh(m.inp(x))
+    if branch in ("twice", "root"):
+        h = torch.tanh(use(1, torch.tanh(use(0, h))))
+    elif branch == "once":
+        h = torch.tanh(m.other(torch.tanh(use(0, h))))
+    else:
+        h = torch.tanh(m.other(h))
+    return m.out(h)
+
+
+class Branchy(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.shared, self.other, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+        def use(i: int, h: torch.Tensor) -> torch.Tensor:
+            if branch == "root" and i == 1:  # a use in this module's own forward: site <root>
+                return F.linear(h, self.shared.weight, self.shared.bias)
+            return self.shared(h)
+
+        return branch_forward(self, x, branch, use)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x, BRANCHES[batch_idx][self.global_rank]), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def train_dataloader(self) -> DataLoader:
+        data = dataset(WORLD * BATCH * len(BRANCHES))
+        return DataLoader(data, batch_size=BATCH, sampler=DistributedSampler(data, shuffle=False))
+
+
+def _diverging_worker(rank: int, port: int, out_dir: str) -> None:
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    # LOCAL_RANK: Lightning treats the processes as launched externally (its launcher would re-run pytest)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        # a short timeout: a rank left waiting in a collective fails the test in 30 s, not 30 minutes
+        strategy=DDPStrategy(find_unused_parameters=True, timeout=timedelta(seconds=30)),
+        max_steps=len(BRANCHES),
+        logger=TensorBoardLogger(out_dir, name="", version="run"),
+        callbacks=[ParameterMonitor(log_every_n_steps=1)],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Branchy())
+    messages = [str(w.message) for w in caught if "param_monitor" in str(w.message)]
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(messages))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def grads_of(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+
+
+def diverging_reference() -> dict[int, dict[str, float]]:
+    """Single process: each step's loss is the mean over the ranks of each rank's loss on its own branch
+    (DDP's averaged gradient); per-use contributions from separate copies of the shared layer per use."""
+    model = Branchy()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = dataset(WORLD * BATCH * len(BRANCHES))[:]
+    out: dict[int, dict[str, float]] = {}
+    for step, branches in BRANCHES.items():
+        shared = (model.shared.weight, model.shared.bias)
+        copies = [[p.detach().clone().requires_grad_() for p in shared] for _ in range(2)]
+
+        def copy_use(i: int, h: torch.Tensor, copies: list[list[torch.Tensor]] = copies) -> torch.Tensor:
+            return F.linear(h, *copies[i])
+
+        opt.zero_grad()
+        tied, untied = [], []
+        for rank, branch in enumerate(branches):
+            rows = list(range(rank, len(x), WORLD))[step * BATCH : (step + 1) * BATCH]
+            tied.append(F.cross_entropy(model(x[rows], branch), y[rows]))
+            untied.append(F.cross_entropy(branch_forward(model, x[rows], branch, copy_use), y[rows]))
+        torch.stack(tied).mean().backward()
+        metrics = {f"grad_norm/{n}": p.grad.double().norm().item() for n, p in grads_of(model)}
+        if step not in DIVERGED:
+            grads = torch.autograd.grad(torch.stack(untied).mean(), [p for c in copies for p in c])
+            for i, local in enumerate(("weight", "bias")):
+                uses = [grads[i].double(), grads[2 + i].double()]
+                for j, u in enumerate(uses):
+                    metrics[f"shared_grad/shared.{local}/shared#{j}"] = u.norm().item()
+                cosine = F.cosine_similarity(uses[0].flatten(), uses[1].flatten(), 0)
+                metrics[f"shared_grad_cosine/shared.{local}"] = cosine.item()
+        out[step] = metrics
+        opt.step()
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_ranks_that_diverge_get_no_per_use_values_one_warning_and_no_hang(tmp_path: Path) -> None:
+    folder = spawn_workers(_diverging_worker, tmp_path)  # a hang would end in the 30 s timeout: an error
+    logged = read_scalars(folder / "run")
+    reference = diverging_reference()
+    for step, want in reference.items():
+        got = {tag: values[step] for tag, values in logged.items() if step in values}
+        assert_metrics_close(got, want)  # every value written equals the oracle
+        shared_tags = [t for t in got if t.startswith("shared_grad") and "/shared." in t]
+        if step in DIVERGED:
+            assert not shared_tags, f"step {step}: {shared_tags}"
+        else:
+            assert len(shared_tags) == 2 * 6, shared_tags  # weight, bias: 2 norms, 2 shares, error, cosine
+    warned = json.loads((folder / "rank0.json").read_text())
+    diverged = [w for w in warned if "different uses" in w]
+    assert len(diverged) == len(DIVERGED), warned
+    for message, (step, counts) in zip(diverged, DIVERGED.items(), strict=True):
+        assert f"at step {step}" in message and f"uses per rank {counts}" in message, message
+        assert "`shared.weight`" in message and "`shared.bias`" in message, message
+    assert "different sites" in diverged[-1]
+    assert not json.loads((folder / "rank1.json").read_text())  # rank 0 alone warns

@@ -300,7 +300,8 @@ def _lightning_worker(rank: int, port: int, out_dir: str) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(ShardedLM())
-    messages = [str(w.message) for w in caught if "aram" in str(w.message) and "onitor" in str(w.message)]
+    ours = ("param_monitor", "ParameterMonitor")
+    messages = [str(w.message) for w in caught if any(k in str(w.message) for k in ours)]
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(messages))
     dist.barrier()
     dist.destroy_process_group()
