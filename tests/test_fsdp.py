@@ -38,10 +38,15 @@ LAYOUTS = ("root", "blocks+root", "[wte,lm_head]+blocks+root")
 
 
 class TiedLM(nn.Module):
-    """Embedding -> 2 residual tanh blocks -> head tied to the embedding (sites ``wte`` and ``lm_head``)."""
+    """Embedding -> 2 residual tanh blocks -> head tied to the embedding (sites ``wte`` and ``lm_head``).
 
-    def __init__(self) -> None:
+    ``head``: "module" calls ``lm_head``; "root" applies its weight in this forward (site ``<root>``);
+    "detached" reads the embedding without gradient (one use left).
+    """
+
+    def __init__(self, head: str = "module") -> None:
         super().__init__()
+        self.head = head
         torch.manual_seed(0)
         self.wte = nn.Embedding(VOCAB, WIDTH)
         self.blocks = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(2))
@@ -52,6 +57,10 @@ class TiedLM(nn.Module):
         h = self.wte(x)
         for block in self.blocks:
             h = h + torch.tanh(block(h))
+        if self.head == "root":
+            return F.linear(h, self.lm_head.weight)
+        if self.head == "detached":
+            return F.linear(h, self.wte.weight.detach())
         return self.lm_head(h)
 
 
@@ -112,23 +121,28 @@ CASES = {  # name: (layout, micro-batches)
 
 
 def _watcher_worker(rank: int, port: int, out_dir: str) -> None:
+    from datetime import timedelta
+
     from torch.distributed.device_mesh import init_device_mesh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a short timeout: a rank left waiting in a collective fails the test in 30 s, not 30 minutes
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
         results = {case: _watcher_case(rank, mesh, layout, micro) for case, (layout, micro) in CASES.items()}
         results["bf16"] = _bf16_case(rank, mesh)
+        for case, heads in DIVERGING.items():
+            results[case] = _watcher_case(rank, mesh, "blocks+root", 1, head=heads[rank])
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
 
 
-def _watcher_case(rank: int, mesh: Any, layout: str, micro: int, **kwargs: Any) -> dict[str, Any]:
-    model = shard(TiedLM(), layout, mesh, **kwargs)
+def _watcher_case(rank: int, mesh: Any, layout: str, micro: int, head: str = "module", **kwargs: Any) -> dict[str, Any]:
+    model = shard(TiedLM(head), layout, mesh, **kwargs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         watcher = ParameterWatcher(model)
@@ -141,6 +155,7 @@ def _watcher_case(rank: int, mesh: Any, layout: str, micro: int, **kwargs: Any) 
             watcher.before_backward(loss)
             loss.backward()
             watcher.after_backward()
+        held = {site: list(t.shape) for sites in watcher.tracker.contributions().values() for site, t in sites.items()}
         with count_collectives() as calls:
             packed, layout_ = watcher.pack(group=reduction_group())
             packed = watcher.reduce(packed, layout_, reduction_group())
@@ -150,6 +165,7 @@ def _watcher_case(rank: int, mesh: Any, layout: str, micro: int, **kwargs: Any) 
         "collectives": calls,
         "warnings": [str(w.message) for w in caught if "param_monitor" in str(w.message)],
         "local_rows": model.wte.weight.to_local().shape[0],
+        "held_shapes": held,
     }
 
 
@@ -184,6 +200,8 @@ def test_fsdp2_per_use_tags_equal_the_single_process_oracle(fsdp_results: list[d
         assert_metrics_close(r["got"], want)
         assert r["got"]["shared_grad_error/wte.weight"] < 1e-5
         assert not r["warnings"], r["warnings"]
+        # each use was reduce-scattered in its hook: only this rank's rows of it are held until the statistics
+        assert r["held_shapes"] == {"wte": [r["local_rows"], WIDTH], "lm_head": [r["local_rows"], WIDTH]}
         # the statistics: the agreement (all-gather) and the one all-reduce; the uses were reduce-scattered in backward
         assert r["collectives"] == ["all_gather", "all_reduce"], r["collectives"]
 
@@ -202,6 +220,39 @@ def test_fsdp2_bf16_mixed_precision_per_use_tags(fsdp_results: list[dict[str, An
         shares = [got[f"shared_grad_share/wte.weight/{s}"] for s in ("wte", "lm_head")]
         assert math.isclose(sum(shares), 1.0, rel_tol=1e-9)
         assert got["shared_grad_error/wte.weight"] < 2e-2  # FSDP reduces the gradient itself in bf16
+
+
+# -- FSDP2 ranks that diverge (inside one FSDP unit: FSDP itself copes) ---------------------------
+DIVERGING = {  # case: each rank's head
+    "diverging: one use skipped": ("module", "detached"),
+    "diverging: as many uses, other sites": ("module", "root"),
+}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", list(DIVERGING))
+def test_fsdp2_ranks_that_diverge_get_no_per_use_values_and_one_warning(
+    fsdp_results: list[dict[str, Any]], case: str
+) -> None:
+    heads = DIVERGING[case]
+    x, y = tokens(WORLD * BATCH, seed=10)
+    model = TiedLM()
+    for rank, head in enumerate(heads):  # the mean of the ranks' losses: the gradient FSDP averages
+        model.head = head
+        mine = slice(rank * BATCH, (rank + 1) * BATCH)
+        (lm_loss(model, x[mine], y[mine]) / WORLD).backward()
+    want = {f"grad_norm/{n}": p.grad.double().norm().item() for n, p in model.named_parameters()}
+    counts = [2, 1] if heads[1] == "detached" else [2, 2]
+    for rank, results in enumerate(fsdp_results):
+        r = results[case]
+        assert_metrics_close(r["got"], want)  # what is written is right
+        assert not [k for k in r["got"] if k.startswith("shared_grad")], r["got"]
+        assert r["collectives"] == ["all_gather", "all_reduce"], r["collectives"]
+        if rank == 0:
+            assert len(r["warnings"]) == 1, r["warnings"]
+            assert f"`wte.weight`: uses per rank {counts}" in r["warnings"][0]
+        else:
+            assert not r["warnings"]
 
 
 # -- the private reach (one process, fast) ----------------------------------------------------
