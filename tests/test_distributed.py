@@ -541,14 +541,17 @@ def test_callback_aggregates_and_rejects_bad_depth(tmp_path: Path) -> None:
 # step: (rank 0's branch, rank 1's branch). "twice": the shared layer at two calls; "once": one call;
 # "none": not at all; "root": one call and one `F.linear` in the LightningModule's own forward (as
 # many uses as "twice", at other sites: same buffer sizes, different meaning).
-BRANCHES = {
-    0: ("twice", "twice"),
-    1: ("twice", "once"),
-    2: ("twice", "none"),
-    3: ("twice", "root"),
-    4: ("twice", "twice"),
+# Each fit: step 0 and 2 agree, step 1 diverges as named (one fit each: on the old code each failed its own way).
+DIVERGENCES = {  # case: (rank 1's branch at step 1, each rank's use count)
+    "branch skipped on one rank": ("once", [2, 1]),
+    "one rank without uses": ("none", [2, 0]),
+    "same buffer sizes, other uses": ("root", [2, 2]),
 }
-DIVERGED = {1: [2, 1], 2: [2, 0], 3: [2, 2]}
+DIVERGED_STEP = 1
+
+
+def branches_of(case: str) -> dict[int, tuple[str, str]]:
+    return {0: ("twice", "twice"), 1: ("twice", DIVERGENCES[case][0]), 2: ("twice", "twice")}
 
 
 def branch_forward(m: nn.Module, x: torch.Tensor, branch: str, use: Callable[[int, torch.Tensor], torch.Tensor]):
@@ -564,8 +567,9 @@ def branch_forward(m: nn.Module, x: torch.Tensor, branch: str, use: Callable[[in
 
 
 class Branchy(pl.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, case: str) -> None:
         super().__init__()
+        self.branches = branches_of(case)
         torch.manual_seed(0)
         self.inp, self.shared, self.other, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
 
@@ -579,17 +583,17 @@ class Branchy(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(self(x, BRANCHES[batch_idx][self.global_rank]), y)
+        return F.cross_entropy(self(x, self.branches[batch_idx][self.global_rank]), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
     def train_dataloader(self) -> DataLoader:
-        data = dataset(WORLD * BATCH * len(BRANCHES))
+        data = dataset(WORLD * BATCH * len(self.branches))
         return DataLoader(data, batch_size=BATCH, sampler=DistributedSampler(data, shuffle=False))
 
 
-def _diverging_worker(rank: int, port: int, out_dir: str) -> None:
+def _diverging_worker(rank: int, port: int, out_dir: str, case: str) -> None:
     from datetime import timedelta
 
     from lightning.pytorch.strategies import DDPStrategy
@@ -602,7 +606,7 @@ def _diverging_worker(rank: int, port: int, out_dir: str) -> None:
         devices=WORLD,
         # a short timeout: a rank left waiting in a collective fails the test in 30 s, not 30 minutes
         strategy=DDPStrategy(find_unused_parameters=True, timeout=timedelta(seconds=30)),
-        max_steps=len(BRANCHES),
+        max_steps=len(branches_of(case)),
         logger=TensorBoardLogger(out_dir, name="", version="run"),
         callbacks=[ParameterMonitor(log_every_n_steps=1)],
         enable_checkpointing=False,
@@ -611,7 +615,7 @@ def _diverging_worker(rank: int, port: int, out_dir: str) -> None:
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(Branchy())
+        trainer.fit(Branchy(case))
     messages = [str(w.message) for w in caught if "param_monitor" in str(w.message)]
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(messages))
     dist.barrier()
@@ -622,14 +626,14 @@ def grads_of(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.grad is not None]
 
 
-def diverging_reference() -> dict[int, dict[str, float]]:
+def diverging_reference(case: str) -> dict[int, dict[str, float]]:
     """Single process: each step's loss is the mean over the ranks of each rank's loss on its own branch
     (DDP's averaged gradient); per-use contributions from separate copies of the shared layer per use."""
-    model = Branchy()
+    model = Branchy(case)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    x, y = dataset(WORLD * BATCH * len(BRANCHES))[:]
+    x, y = dataset(WORLD * BATCH * len(model.branches))[:]
     out: dict[int, dict[str, float]] = {}
-    for step, branches in BRANCHES.items():
+    for step, branches in model.branches.items():
         shared = (model.shared.weight, model.shared.bias)
         copies = [[p.detach().clone().requires_grad_() for p in shared] for _ in range(2)]
 
@@ -644,7 +648,7 @@ def diverging_reference() -> dict[int, dict[str, float]]:
             untied.append(F.cross_entropy(branch_forward(model, x[rows], branch, copy_use), y[rows]))
         torch.stack(tied).mean().backward()
         metrics = {f"grad_norm/{n}": p.grad.double().norm().item() for n, p in grads_of(model)}
-        if step not in DIVERGED:
+        if step != DIVERGED_STEP:
             grads = torch.autograd.grad(torch.stack(untied).mean(), [p for c in copies for p in c])
             for i, local in enumerate(("weight", "bias")):
                 uses = [grads[i].double(), grads[2 + i].double()]
@@ -659,23 +663,25 @@ def diverging_reference() -> dict[int, dict[str, float]]:
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_ddp_ranks_that_diverge_get_no_per_use_values_one_warning_and_no_hang(tmp_path: Path) -> None:
-    folder = spawn_workers(_diverging_worker, tmp_path)  # a hang would end in the 30 s timeout: an error
+@pytest.mark.parametrize("case", list(DIVERGENCES))
+def test_ddp_ranks_that_diverge_get_no_per_use_values_one_warning_and_no_hang(tmp_path: Path, case: str) -> None:
+    # a rank left waiting in a collective ends in the 30 s process-group timeout: an error, not a hang
+    folder = retry_if_killed(
+        lambda out: mp.spawn(_diverging_worker, args=(free_port(), str(out), case), nprocs=WORLD), tmp_path
+    )
     logged = read_scalars(folder / "run")
-    reference = diverging_reference()
-    for step, want in reference.items():
+    for step, want in diverging_reference(case).items():
         got = {tag: values[step] for tag, values in logged.items() if step in values}
         assert_metrics_close(got, want)  # every value written equals the oracle
         shared_tags = [t for t in got if t.startswith("shared_grad") and "/shared." in t]
-        if step in DIVERGED:
+        if step == DIVERGED_STEP:
             assert not shared_tags, f"step {step}: {shared_tags}"
-        else:
-            assert len(shared_tags) == 2 * 6, shared_tags  # weight, bias: 2 norms, 2 shares, error, cosine
-    warned = json.loads((folder / "rank0.json").read_text())
-    diverged = [w for w in warned if "different uses" in w]
-    assert len(diverged) == len(DIVERGED), warned
-    for message, (step, counts) in zip(diverged, DIVERGED.items(), strict=True):
-        assert f"at step {step}" in message and f"uses per rank {counts}" in message, message
-        assert "`shared.weight`" in message and "`shared.bias`" in message, message
-    assert "different sites" in diverged[-1]
+        else:  # weight and bias: 2 norms, 2 shares, the error, the cosine
+            assert len(shared_tags) == 2 * 6, shared_tags
+    warned = [w for w in json.loads((folder / "rank0.json").read_text()) if "different uses" in w]
+    assert len(warned) == 1, warned
+    counts = DIVERGENCES[case][1]
+    assert f"at step {DIVERGED_STEP}" in warned[0] and f"uses per rank {counts}" in warned[0], warned[0]
+    assert "`shared.weight`" in warned[0] and "`shared.bias`" in warned[0], warned[0]
+    assert ("different sites" in warned[0]) == (counts[0] == counts[1]), warned[0]
     assert not json.loads((folder / "rank1.json").read_text())  # rank 0 alone warns

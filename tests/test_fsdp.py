@@ -155,7 +155,8 @@ def _watcher_case(rank: int, mesh: Any, layout: str, micro: int, head: str = "mo
             watcher.before_backward(loss)
             loss.backward()
             watcher.after_backward()
-        held = {site: list(t.shape) for sites in watcher.tracker.contributions().values() for site, t in sites.items()}
+        uses = watcher.tracker.contributions() if watcher.tracker is not None else {}
+        held = {site: list(t.shape) for sites in uses.values() for site, t in sites.items()}
         with count_collectives() as calls:
             packed, layout_ = watcher.pack(group=reduction_group())
             packed = watcher.reduce(packed, layout_, reduction_group())
