@@ -32,6 +32,7 @@ Without an initialized process group (or with one process) every helper is a no-
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from collections.abc import Collection, Mapping, Sequence
@@ -108,7 +109,8 @@ def average_contributions(buffers: Sequence[Tensor], group: ProcessGroup | None)
 
 
 # -- ranks agree on what they combine --------------------------------------------------------
-def site_digest(sites: Sequence[str]) -> int:
+@functools.lru_cache(maxsize=1 << 16)  # the same site lists every logging step
+def site_digest(sites: tuple[str, ...]) -> int:
     """A process-independent 62-bit digest of a parameter's site names in order (``hash()`` is salted per process)."""
     digest = hashlib.blake2b("\x1f".join(sites).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 2  # a non-negative int64
@@ -145,23 +147,18 @@ def agree_on_uses(
     """
     if group is None:
         return Agreement(frozenset(n for n in names if uses.get(n)), {})
-    header = torch.zeros(2, len(names), dtype=torch.int64)
-    for i, name in enumerate(names):
-        sites = uses.get(name)
-        header[0, i] = len(sites or ()) if counts is None else counts.get(name, 0)
-        if sites:
-            header[1, i] = site_digest(sites)
-    device = _collective_device(group)
-    header = header.to(device)
+    site_lists = [uses.get(name) or () for name in names]
+    numbers = [len(sites) for sites in site_lists] if counts is None else [counts.get(name, 0) for name in names]
+    digests = [site_digest(tuple(sites)) if sites else 0 for sites in site_lists]
+    header = torch.tensor([numbers, digests], dtype=torch.int64, device=_collective_device(group))
     gathered = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, header, group=group)
     table = torch.stack(gathered).cpu()  # [rank, (count, digest), parameter]
-    same = (table == table[:1]).all(dim=1).all(dim=0).tolist()
-    per_rank = table[:, 0].t().tolist()  # per parameter, each rank's count
-    agreed = frozenset(n for n, ok in zip(names, same, strict=True) if ok and uses.get(n))
-    differ = {n: c for n, ok, c in zip(names, same, per_rank, strict=True) if not ok}
-    listed = (table[:, 1] != 0).any(dim=0).tolist()
-    return Agreement(agreed, differ, frozenset(n for n, seen in zip(names, listed, strict=True) if seen))
+    same = (table == table[:1]).all(dim=1).all(dim=0)
+    agreed = frozenset(n for n, ok in zip(names, same.tolist(), strict=True) if ok and uses.get(n))
+    differ = {names[i]: table[:, 0, i].tolist() for i in (~same).nonzero().flatten().tolist()}
+    listed = frozenset(names[i] for i in (table[:, 1] != 0).any(dim=0).nonzero().flatten().tolist())
+    return Agreement(agreed, differ, listed)
 
 
 # -- combining per-use contributions -------------------------------------------------------------
