@@ -79,21 +79,32 @@ def untied_twin(model: TiedLM) -> TiedLM:
     return twin
 
 
-def oracle(model: TiedLM, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+def oracle(
+    model: TiedLM, batches: list[tuple[torch.Tensor, torch.Tensor]], untracked: int = 0
+) -> dict[str, float]:
     """Metrics of the tied model's gradient, per-use values from the untied twin; ``batches``: micro-batches
-    of the concatenated data (the mean loss of each, summed over micro-batches, as backward accumulates)."""
+    of the concatenated data (the mean loss of each, summed over micro-batches, as backward accumulates).
+    The first ``untracked`` ones ran before tracking began: their gradient is the site ``<earlier>``."""
     twin = untied_twin(model)
-    for x, y in batches:
+    earlier = torch.zeros_like(model.wte.weight, dtype=torch.float64)
+    for x, y in batches[:untracked]:
+        earlier += torch.autograd.grad(lm_loss(model, x, y), model.wte.weight)[0].double()
+    for x, y in batches[untracked:]:
         lm_loss(twin, x, y).backward()
-    uses = {"wte": twin.wte.weight.grad.double(), "lm_head": twin.lm_head.weight.grad.double()}
-    total = uses["wte"] + uses["lm_head"]
+    uses = {"<earlier>": earlier} if untracked else {}
+    uses.update(wte=twin.wte.weight.grad.double(), lm_head=twin.lm_head.weight.grad.double())
+    total = sum(uses.values())
     out = {f"shared_grad/wte.weight/{site}": u.norm().item() for site, u in uses.items()}
     for site, u in uses.items():
         out[f"shared_grad_share/wte.weight/{site}"] = (u * total).sum().item() / total.square().sum().item()
-    cosine = F.cosine_similarity(uses["wte"].flatten(), uses["lm_head"].flatten(), 0)
-    out["shared_grad_cosine/wte.weight"] = cosine.item()
+    flat = [u.flatten() for u in uses.values()]
+    cosines = [F.cosine_similarity(a, b, 0).item() for i, a in enumerate(flat) for b in flat[i + 1 :]]
+    out["shared_grad_cosine/wte.weight"] = sum(cosines) / len(cosines)
     out["grad_norm/wte.weight"] = total.norm().item()
-    for name, p in twin.named_parameters():
+    tied = copy.deepcopy(model)  # the other parameters' gradients: every micro-batch
+    for x, y in batches:
+        lm_loss(tied, x, y).backward()
+    for name, p in tied.named_parameters():
         if name.startswith("blocks"):
             out[f"grad_norm/{name}"] = p.grad.double().norm().item()
             out[f"weight_norm/{name}"] = p.detach().double().norm().item()
@@ -114,9 +125,10 @@ def shard(model: TiedLM, layout: str, mesh: Any, **kwargs: Any) -> TiedLM:
 
 
 # -- the watcher on 2 processes ---------------------------------------------------------------
-CASES = {  # name: (layout, micro-batches)
-    **{layout: (layout, 1) for layout in LAYOUTS},
-    "blocks+root, 2 micro-batches": ("blocks+root", 2),
+CASES = {  # name: (layout, micro-batches, of which untracked: run before tracking began)
+    **{layout: (layout, 1, 0) for layout in LAYOUTS},
+    "blocks+root, 2 micro-batches": ("blocks+root", 2, 0),
+    "blocks+root, an untracked micro-batch first": ("blocks+root", 2, 1),
 }
 
 
@@ -131,25 +143,28 @@ def _watcher_worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=30))
     try:
         mesh = init_device_mesh("cpu", (WORLD,))
-        results = {case: _watcher_case(rank, mesh, layout, micro) for case, (layout, micro) in CASES.items()}
+        results = {case: _watcher_case(rank, mesh, *spec) for case, spec in CASES.items()}
         results["bf16"] = _bf16_case(rank, mesh)
         for case, heads in DIVERGING.items():
-            results[case] = _watcher_case(rank, mesh, "blocks+root", 1, head=heads[rank])
+            results[case] = _watcher_case(rank, mesh, "blocks+root", 1, 0, head=heads[rank])
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
 
 
-def _watcher_case(rank: int, mesh: Any, layout: str, micro: int, head: str = "module", **kwargs: Any) -> dict[str, Any]:
+def _watcher_case(
+    rank: int, mesh: Any, layout: str, micro: int, untracked: int, head: str = "module", **kwargs: Any
+) -> dict[str, Any]:
     model = shard(TiedLM(head), layout, mesh, **kwargs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         watcher = ParameterWatcher(model)
-        watcher.start_step()
         for m in range(micro):
             x, y = tokens(WORLD * BATCH, seed=10 + m)
             mine = slice(rank * BATCH, (rank + 1) * BATCH)
+            if m == untracked:
+                watcher.start_step()
             watcher.begin_forward()
             loss = lm_loss(model, x[mine], y[mine])
             watcher.before_backward(loss)
@@ -175,7 +190,7 @@ def _bf16_case(rank: int, mesh: Any) -> dict[str, Any]:
 
     try:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
-        return _watcher_case(rank, mesh, "blocks+root", 1, mp_policy=policy)
+        return _watcher_case(rank, mesh, "blocks+root", 1, 0, mp_policy=policy)
     except Exception as error:  # noqa: BLE001 - reported by the test
         return {"error": f"{type(error).__name__}: {error}"}
 
@@ -187,8 +202,8 @@ def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any
 
 
 def _want(case: str) -> dict[str, float]:
-    micro = CASES[case][1]
-    return oracle(TiedLM(), [tokens(WORLD * BATCH, seed=10 + m) for m in range(micro)])
+    _, micro, untracked = CASES[case]
+    return oracle(TiedLM(), [tokens(WORLD * BATCH, seed=10 + m) for m in range(micro)], untracked)
 
 
 @pytest.mark.distributed
@@ -202,7 +217,7 @@ def test_fsdp2_per_use_tags_equal_the_single_process_oracle(fsdp_results: list[d
         assert r["got"]["shared_grad_error/wte.weight"] < 1e-5
         assert not r["warnings"], r["warnings"]
         # each use was reduce-scattered in its hook: only this rank's rows of it are held until the statistics
-        assert r["held_shapes"] == {"wte": [r["local_rows"], WIDTH], "lm_head": [r["local_rows"], WIDTH]}
+        assert r["held_shapes"]["wte"] == r["held_shapes"]["lm_head"] == [r["local_rows"], WIDTH]
         # the statistics: the agreement (all-gather) and the one all-reduce; the uses were reduce-scattered in backward
         assert r["collectives"] == ["all_gather", "all_reduce"], r["collectives"]
 
