@@ -87,8 +87,10 @@ class ParameterMonitor(Callback):
     gradient the optimizer steps on; the per-use contributions, captured before DDP's all-reduce,
     are averaged over the ranks the same way (one all-reduce per logging step, none otherwise).
     With sharded parameters (FSDP2 ``fully_shard``/DTensor) each rank sums over its shards and the
-    partial sums are all-reduced once; shared-use tracking is then off (with a warning). Only rank 0
-    writes.
+    partial sums are all-reduced once; each use of a sharded shared parameter is reduce-scattered
+    into this rank's shard in backward. Before combining, the ranks agree on the uses (one small
+    all-gather per logging step); a parameter whose uses differ between ranks on a step (a
+    data-dependent branch) gets no ``shared_grad*`` there, with one warning. Only rank 0 writes.
 
     TensorBoard only: the parameter table as text (``param_monitor/parameters``), the record of the
     first non-finite gradients (``param_monitor/nonfinite``), a custom-scalars layout, and, when

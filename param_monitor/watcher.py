@@ -62,7 +62,9 @@ class ParameterWatcher:
     Several processes: pass ``group`` (e.g. ``param_monitor.distributed.reduction_group()``) to
     :meth:`compute`/:meth:`pack` on EVERY rank. Under DDP the per-use contributions are averaged
     over the ranks like ``.grad``; with sharded (FSDP2/DTensor) parameters the partial sums of the
-    local shards are summed (shared-use tracking is then off). One collective either way.
+    local shards are summed, and each use of an FSDP2 parameter is reduce-scattered into this rank's
+    shard inside its backward hook. The ranks first agree on the uses they combine (one small
+    all-gather; under FSDP2 one more per backward); see ``distributed.UseCombiner``.
     ``aggregate_depth`` reports weight/gradient statistics per module (see ``stats.module_group``).
     """
 
