@@ -10,7 +10,8 @@ contributions of shared parameters, however, are captured by autograd hooks on e
 DDP's all-reduce, so they are rank-local; their global counterparts are averaged the same way as
 ``.grad`` (SUM over ranks, divided by the world size W), in one flat buffer, so that
 ``Σ_uses contribution = grad`` still holds and the cosines/norms describe the gradient the
-optimizer steps on. Both cases issue at most ONE collective per logging step, none otherwise.
+optimizer steps on. Both cases issue ONE collective of the statistics per logging step (the
+average, or the sum of the shards' partial sums), plus the agreement below; none on other steps.
 
 Ranks that diverge (a data-dependent branch, ``find_unused_parameters=True``) make different uses
 of a parameter. Before anything per-use is combined, the ranks agree on it: :func:`agree_on_uses`

@@ -216,7 +216,8 @@ class ParameterWatcher:
         """Every metric of this step in one transfer; then the hooks are removed.
 
         With several processes, every rank calls it with the same ``group``
-        (``distributed.reduction_group()``): at most one collective.
+        (``distributed.reduction_group()``): the agreement on the uses (with tracking) and at most
+        one collective of the statistics.
         """
         packed, layout = self.pack(group=group)
         packed = self.reduce(packed, layout, group)

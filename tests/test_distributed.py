@@ -220,7 +220,7 @@ def oracle_metrics(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> dict
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_ddp_matches_single_process_and_issues_one_collective_per_logging_step(tmp_path: Path) -> None:
+def test_ddp_matches_single_process_and_issues_two_collectives_per_logging_step(tmp_path: Path) -> None:
     def attempt(out: Path) -> None:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(free_port())
