@@ -324,6 +324,37 @@ def test_fsdp2_one_process_per_use_tags_equal_the_oracle(tmp_path: Path) -> None
     assert_metrics_close(got, oracle(TiedLM(), [(x, y)]))
 
 
+def test_fsdp2_other_shard_dim_is_not_tracked_and_says_so(tmp_path: Path) -> None:
+    """``Shard(-1)``: a use's rows are not this rank's rows, so it cannot be reduce-scattered into them:
+    one warning naming the parameter, no per-use values, the per-tensor statistics as ever."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = TiedLM()
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)), shard_placement_fn=lambda p: Shard(p.dim() - 1))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            watcher = ParameterWatcher(model)
+        watcher.start_step()
+        watcher.begin_forward()
+        x, y = tokens(BATCH, seed=3)
+        loss = lm_loss(model, x, y)
+        watcher.before_backward(loss)
+        loss.backward()
+        watcher.after_backward()
+        got = watcher.compute()
+    finally:
+        dist.destroy_process_group()
+    ours = [str(w.message) for w in caught if "param_monitor" in str(w.message)]
+    assert len(ours) == 1 and "Shard(0)" in ours[0] and "wte.weight" in ours[0], ours
+    assert not [k for k in got if k.startswith("shared_grad")], got
+    want = oracle(TiedLM(), [(x, y)])
+    assert_metrics_close(got, {k: v for k, v in want.items() if not k.startswith("shared_grad")})
+
+
 # -- end to end: Lightning's ModelParallelStrategy, fully_shard in configure_model --------------
 STEPS = 3
 
