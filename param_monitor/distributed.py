@@ -169,12 +169,19 @@ def shard_rows(rows: int, world: int, rank: int) -> tuple[int, int, int]:
     return chunk, min(rank * chunk, rows), min((rank + 1) * chunk, rows)
 
 
-def shard_of_mean(use: Tensor, group: ProcessGroup) -> Tensor:
-    """This rank's dim-0 chunk (as FSDP2 shards) of the mean of ``use`` over ``group``: one reduce-scatter.
+# At most this many bytes of send buffer at a time when a use must be copied (uneven rows, or a
+# bf16/fp16 use reduced in fp32): a 128k x 4096 bf16 embedding's use (1 GiB) would need 2 GiB at once.
+SEND_BUFFER_BYTES = 64 << 20
 
-    ``use`` is read, never written. Reduced in fp32 (fp64 stays fp64). Memory: the result (N/W
-    values, padded to FSDP's chunk) and, only for uneven rows or a dtype cast, an N-value send buffer
-    freed on return.
+
+def shard_of_mean(use: Tensor, group: ProcessGroup) -> Tensor:
+    """This rank's dim-0 chunk (as FSDP2 shards) of the mean of ``use`` over ``group`` (new memory).
+
+    ``use`` is read, never written. Reduced in fp32 (fp64 stays fp64). An fp32 use whose rows divide
+    evenly goes out as it is (one reduce-scatter, no copy); otherwise it is copied into a padded
+    fp32 send buffer in column slices of at most :data:`SEND_BUFFER_BYTES` (one reduce-scatter
+    each; the same number on every rank, since every rank has the same shapes). Held afterwards:
+    ceil(rows/W) rows of fp32, about N/W values.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     dtype = torch.float64 if use.dtype == torch.float64 else torch.float32
@@ -182,15 +189,19 @@ def shard_of_mean(use: Tensor, group: ProcessGroup) -> Tensor:
     chunk, start, stop = shard_rows(rows, world, rank)
     flat = use.reshape(rows, -1)
     inner = flat.shape[1]
+    out = torch.empty(chunk, inner, dtype=dtype, device=use.device)
     if rows == chunk * world and flat.dtype == dtype and flat.is_contiguous():
-        send = flat.reshape(-1)  # rank r's rows are the r-th contiguous chunk already
+        _reduce_scatter(out.view(-1), flat.view(-1), op=dist.ReduceOp.SUM, group=group)  # rank r: the r-th rows
     else:
-        send = flat.new_zeros(world * chunk, inner, dtype=dtype)
-        send[:rows] = flat
-        send = send.reshape(-1)
-    out = torch.empty(chunk * inner, dtype=dtype, device=use.device)
-    _reduce_scatter(out, send, op=dist.ReduceOp.SUM, group=group)
-    return out.div_(world)[: (stop - start) * inner].view(stop - start, *use.shape[1:])
+        width = max(1, SEND_BUFFER_BYTES // max(1, world * chunk * out.element_size()))
+        for col in range(0, inner, width):
+            cols = slice(col, min(col + width, inner))
+            send = flat.new_zeros(world * chunk, cols.stop - col, dtype=dtype)
+            send[:rows] = flat[:, cols]
+            received = torch.empty(chunk, cols.stop - col, dtype=dtype, device=use.device)
+            _reduce_scatter(received.view(-1), send.view(-1), op=dist.ReduceOp.SUM, group=group)
+            out[:, cols] = received
+    return out.div_(world)[: stop - start].view(stop - start, *use.shape[1:])
 
 
 class UseCombiner:

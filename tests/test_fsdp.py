@@ -15,6 +15,7 @@ import os
 import warnings
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import lightning.pytorch as pl
 import pytest
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from param_monitor import ParameterMonitor, ParameterWatcher
+from param_monitor import ParameterMonitor, ParameterWatcher, distributed
 from param_monitor._internals import fsdp_params, fsdp_unsharded_leaves
 from param_monitor.distributed import reduction_group
 from param_monitor.stats import finalize
@@ -145,6 +146,8 @@ def _watcher_worker(rank: int, port: int, out_dir: str) -> None:
         mesh = init_device_mesh("cpu", (WORLD,))
         results = {case: _watcher_case(rank, mesh, *spec) for case, spec in CASES.items()}
         results["bf16"] = _bf16_case(rank, mesh)
+        with patch.object(distributed, "SEND_BUFFER_BYTES", 2 * WIDTH):  # one column (6 padded rows x 4 B) a time
+            results["sliced send buffer"] = _watcher_case(rank, mesh, "blocks+root", 1, 0)
         for case, heads in DIVERGING.items():
             results[case] = _watcher_case(rank, mesh, "blocks+root", 1, 0, head=heads[rank])
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
@@ -220,6 +223,14 @@ def test_fsdp2_per_use_tags_equal_the_single_process_oracle(fsdp_results: list[d
         assert r["held_shapes"]["wte"] == r["held_shapes"]["lm_head"] == [r["local_rows"], WIDTH]
         # the statistics: the agreement (all-gather) and the one all-reduce; the uses were reduce-scattered in backward
         assert r["collectives"] == ["all_gather", "all_reduce"], r["collectives"]
+
+
+@pytest.mark.distributed
+def test_fsdp2_reduce_scatter_in_column_slices(fsdp_results: list[dict[str, Any]]) -> None:
+    """A small send buffer: each use goes out in one-column slices (5 reduce-scatters), values unchanged."""
+    want = _want("root")
+    for results in fsdp_results:
+        assert_metrics_close(results["sliced send buffer"]["got"], want)
 
 
 @pytest.mark.distributed
