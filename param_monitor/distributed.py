@@ -239,7 +239,7 @@ class UseCombiner:
         return bool(self._groups)
 
     def reset(self) -> None:
-        """A new step: nothing agreed, nothing dropped."""
+        """A new step: nothing agreed, nothing dropped (but the unsupported layouts)."""
         self._allowed: frozenset[str] = frozenset()
         self.dropped: set[str] = set(self.unsupported)
         self.differ: dict[str, list[int]] = {}
@@ -260,7 +260,7 @@ class UseCombiner:
         if name not in self._allowed:
             return None
         if grad is None:  # a use without gradient still takes part: the other ranks reduce-scatter theirs
-            grad = torch.zeros(self._shapes[name], device=_param_device(group))
+            grad = torch.zeros(self._shapes[name], device=_collective_device(group))
         return shard_of_mean(grad.to_dense() if grad.is_sparse else grad, group)
 
     def combine(
@@ -314,10 +314,6 @@ class UseCombiner:
             if name in shared:
                 self.differ.setdefault(name, counts)
         self.dropped |= set(agreement.differ)
-
-
-def _param_device(group: ProcessGroup) -> torch.device:
-    return _collective_device(group)
 
 
 def divergence_message(differ: Mapping[str, list[int]], step: int | None) -> str:
