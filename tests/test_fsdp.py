@@ -13,6 +13,8 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from unittest.mock import patch
@@ -283,13 +285,26 @@ def test_fsdp2_ranks_that_diverge_get_no_per_use_values_and_one_warning(
 
 
 # -- the private reach (one process, fast) ----------------------------------------------------
+@contextmanager
+def one_process(tmp_path: Path) -> Iterator[None]:
+    """A world of one process (FSDP2 needs a process group), torn down after."""
+    if dist.is_initialized():  # left behind by an earlier test (Lightning's FSDP1 refusal): one process too
+        assert dist.get_world_size() == 1, "a process group of several processes is still up"
+        yield
+        return
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def test_fsdp_private_reach_maps_every_graph_leaf_to_a_registered_parameter(tmp_path: Path) -> None:
     """Fails loudly if FSDP2 renames what ``_internals`` reads (``_get_fsdp_state``, ``_fsdp_param_groups``,
     ``fsdp_params``, ``sharded_param``, ``_unsharded_param``): per-use tracking under FSDP2 depends on it."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
+    with one_process(tmp_path):
         model = shard(TiedLM(), "[wte,lm_head]+blocks+root", init_device_mesh("cpu", (1,)))
         registered = {id(p) for p in model.parameters()}
         records = list(fsdp_params(model))
@@ -310,16 +325,13 @@ def test_fsdp_private_reach_maps_every_graph_leaf_to_a_registered_parameter(tmp_
         assert graph_leaves and all(id(v) in leaves for v in graph_leaves), "a graph leaf is not an unsharded parameter"
         assert {id(leaves[id(v)]) for v in graph_leaves} == registered
         loss.backward()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_fsdp2_one_process_per_use_tags_equal_the_oracle(tmp_path: Path) -> None:
     """World size 1 (fast): the walk finds the uses through the unsharded parameters."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
+    with one_process(tmp_path):
         model = shard(TiedLM(), "blocks+root", init_device_mesh("cpu", (1,)))
         watcher = ParameterWatcher(model)
         watcher.start_step()
@@ -330,8 +342,6 @@ def test_fsdp2_one_process_per_use_tags_equal_the_oracle(tmp_path: Path) -> None
         loss.backward()
         watcher.after_backward()
         got = watcher.compute()
-    finally:
-        dist.destroy_process_group()
     assert_metrics_close(got, oracle(TiedLM(), [(x, y)]))
 
 
@@ -342,8 +352,7 @@ def test_fsdp2_other_shard_dim_is_not_tracked_and_says_so(tmp_path: Path) -> Non
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
+    with one_process(tmp_path):
         model = TiedLM()
         fully_shard(model, mesh=init_device_mesh("cpu", (1,)), shard_placement_fn=lambda p: Shard(p.dim() - 1))
         with warnings.catch_warnings(record=True) as caught:
@@ -357,8 +366,6 @@ def test_fsdp2_other_shard_dim_is_not_tracked_and_says_so(tmp_path: Path) -> Non
         loss.backward()
         watcher.after_backward()
         got = watcher.compute()
-    finally:
-        dist.destroy_process_group()
     ours = [str(w.message) for w in caught if "param_monitor" in str(w.message)]
     assert len(ours) == 1 and "Shard(0)" in ours[0] and "wte.weight" in ours[0], ours
     assert not [k for k in got if k.startswith("shared_grad")], got
