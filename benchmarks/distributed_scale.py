@@ -35,7 +35,15 @@ from param_monitor.distributed import local_tensor, reduction_group
 from param_monitor.stats import finalize, to_host
 from param_monitor.watcher import ParameterWatcher
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor", "reduce")
+COLLECTIVES = (  # reduce_scatter_single: torch 2.14's name for reduce_scatter_tensor
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce_scatter_tensor",
+    "reduce_scatter_single",
+    "reduce",
+)
 
 
 def build(layers: int, width: int, shared: bool = False, per_block: int = 10) -> nn.Sequential:
@@ -125,7 +133,7 @@ def median_ratio(cost: Callable[[], Any], base: Callable[[], Any], repeats: int)
 @contextmanager
 def count_collectives() -> Iterator[list[str]]:
     calls: list[str] = []
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
     for name, fn in originals.items():
         setattr(dist, name, lambda *a, _n=name, _f=fn, **k: (calls.append(_n), _f(*a, **k))[1])
     try:

@@ -56,13 +56,21 @@ __all__ = [
     "is_sharded",
     "local_tensor",
     "reduction_group",
+    "replica_weights",
     "replication_factor",
     "warn_rank_zero",
 ]
 
 ProcessGroup = dist.ProcessGroup if dist.is_available() else object
-# torch 2.14 renamed `reduce_scatter_tensor` (deprecated, warns) to `reduce_scatter_single`
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or getattr(dist, "reduce_scatter_tensor", None)
+
+
+def _reduce_scatter(output: Tensor, inp: Tensor, group: ProcessGroup) -> None:
+    """A SUM reduce-scatter of ``inp`` into ``output``; looked up at each call (so that tests can count it).
+
+    torch 2.14 renamed ``reduce_scatter_tensor`` (deprecated, warns) to ``reduce_scatter_single``.
+    """
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(output, inp, op=dist.ReduceOp.SUM, group=group)
 
 
 def reduction_group() -> ProcessGroup | None:
@@ -87,6 +95,26 @@ def all_reduce_sum(packed: Tensor, group: ProcessGroup | None) -> Tensor:
     if group is not None:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     return packed
+
+
+def replica_weights(replicas: Sequence[float], length: int | None = None) -> Tensor | None:
+    """Weights that make a SUM over ranks count every value once: ``1/r`` for a value ``r`` ranks hold.
+
+    THE replica weighting of the package (the statistics' layout and the update ratio both use it):
+    a partial sum of a tensor replicated on ``r`` ranks is summed ``r`` times by the all-reduce.
+    Positions past ``replicas`` (up to ``length``: flags appended by a caller) weigh 1. ``None``
+    when every weight is 1 (nothing to multiply). A float64 vector on the CPU.
+
+    >>> replica_weights([1, 2, 4], length=4)
+    tensor([1.0000, 0.5000, 0.2500, 1.0000], dtype=torch.float64)
+    >>> replica_weights([1, 1], length=3) is None
+    True
+    """
+    weights = [1.0 / r for r in replicas]
+    weights += [1.0] * ((length or len(weights)) - len(weights))
+    if all(w == 1.0 for w in weights):
+        return None
+    return torch.tensor(weights, dtype=torch.float64)
 
 
 def average_contributions(buffers: Sequence[Tensor], group: ProcessGroup | None) -> list[Tensor]:
@@ -191,7 +219,7 @@ def shard_of_mean(use: Tensor, group: ProcessGroup) -> Tensor:
     inner = flat.shape[1]
     out = torch.empty(chunk, inner, dtype=dtype, device=use.device)
     if rows == chunk * world and flat.dtype == dtype and flat.is_contiguous():
-        _reduce_scatter(out.view(-1), flat.view(-1), op=dist.ReduceOp.SUM, group=group)  # rank r: the r-th rows
+        _reduce_scatter(out.view(-1), flat.view(-1), group)  # rank r: the r-th rows
     else:
         width = max(1, SEND_BUFFER_BYTES // max(1, world * chunk * out.element_size()))
         for col in range(0, inner, width):
@@ -199,7 +227,7 @@ def shard_of_mean(use: Tensor, group: ProcessGroup) -> Tensor:
             send = flat.new_zeros(world * chunk, cols.stop - col, dtype=dtype)
             send[:rows] = flat[:, cols]
             received = torch.empty(chunk, cols.stop - col, dtype=dtype, device=use.device)
-            _reduce_scatter(received.view(-1), send.view(-1), op=dist.ReduceOp.SUM, group=group)
+            _reduce_scatter(received.view(-1), send.view(-1), group)
             out[:, cols] = received
     return out.div_(world)[: stop - start].view(stop - start, *use.shape[1:])
 
@@ -291,22 +319,6 @@ class UseCombiner:
         for (name, site), buf in zip(keys, averaged, strict=True):
             out.setdefault(name, {})[site] = buf
         return {n: out[n] for n in kept}  # the callers' order
-
-    def count_shards_once(self, packed: Tensor, segments: Sequence[tuple[str, int]], world: int) -> Tensor:
-        """Scale the shared segments of sharded parameters by ``world`` (``segments``: (kind, length) in order).
-
-        The statistics' all-reduce weighs shared segments by 1/W (they are replicated under DDP);
-        a sharded parameter's shards are disjoint, each to be counted once.
-        """
-        if not self._groups:
-            return packed
-        scale = torch.ones(packed.numel(), dtype=packed.dtype)
-        offset = 0
-        for kind, length in segments:
-            if kind.startswith("shared:") and kind.removeprefix("shared:") in self._groups:
-                scale[offset : offset + length] = float(world)
-            offset += length
-        return packed * scale.to(packed.device)
 
     def _note(self, agreement: Agreement, shared: Collection[str]) -> None:
         """Drop what differs; remember it for the warning if it is a shared parameter (split on some rank)."""

@@ -47,6 +47,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from param_monitor.distributed import replica_weights
 from param_monitor.dtensor import local_tensor
 from param_monitor.tags import (  # noqa: F401  (re-exported: the schema lives in tags.py)
     DEAD_UNITS,
@@ -67,7 +68,9 @@ class Reduction(Enum):
     #: per-tensor sums over local shards: each element counted once, so a sum over the ranks is
     #: weighted by 1/(how many ranks hold that element); 1 for a fully sharded tensor.
     PER_TENSOR = "per_tensor"
-    #: the same value on every rank (per-use sums: their buffers are averaged over the ranks first).
+    #: per-use sums of one shared parameter (``names``: it): held by as many ranks as hold the
+    #: parameter: DDP's averaged uses, the same on every rank (W); FSDP2's, partial sums of this
+    #: rank's shard of each use (1).
     REPLICATED = "replicated"
 
 
@@ -107,7 +110,7 @@ class StatsLayout:
         ]
         for name, sites in self.shared:  # [‖c_i‖², <c_i, c_j>, ‖Σc − g‖²]
             m = len(sites)
-            segs.append(Segment(f"shared:{name}", m + _pair_count(m) + 1, Reduction.REPLICATED))
+            segs.append(Segment(f"shared:{name}", m + _pair_count(m) + 1, Reduction.REPLICATED, (name,)))
         return segs
 
     @property
@@ -118,18 +121,16 @@ class StatsLayout:
         """Per-position weights for a SUM over ``world_size`` ranks (``None`` when all are 1).
 
         ``factors`` maps a tensor name to how many ranks hold each of its elements; positions past
-        the declared segments (flags appended by the caller) are summed as they are.
+        the declared segments (flags appended by the caller) are summed as they are. The weighting
+        itself is ``distributed.replica_weights``'s.
         """
-        weights: list[float] = []
+        replicas: list[float] = []
         for seg in self.segments():
             if seg.reduction is Reduction.PER_TENSOR:
-                weights += [1.0 / factors[n] for n in seg.names]
-            else:
-                weights += [1.0 / world_size] * seg.length
-        weights += [1.0] * (length - len(weights))
-        if all(w == 1.0 for w in weights):
-            return None
-        return torch.tensor(weights, dtype=torch.float64)
+                replicas += [factors[n] for n in seg.names]
+            else:  # per-use sums: held like their parameter (sharded uses: partial sums, counted once)
+                replicas += [factors.get(seg.names[0], world_size)] * seg.length
+        return replica_weights(replicas, length)
 
 
 def _dense(t: Tensor) -> Tensor:

@@ -1,6 +1,9 @@
-"""The framework-free core: statistics of one model, with or without shared-use tracking.
+"""Statistics of one model, with or without shared-use tracking: what the monitor's core computes with.
 
-Usable from a plain PyTorch loop with a ``SummaryWriter``:
+In a plain PyTorch loop use :class:`param_monitor.PlainMonitor` (two calls per step, the same tags,
+table and run metadata as the Lightning callback, and a warning for every call forgotten). The
+watcher's own step methods still work; every one of them is needed, in this order (a step without
+``before_backward(loss)`` cannot see the uses, and :meth:`ParameterWatcher.compute` warns):
 
 >>> import torch, torch.nn as nn
 >>> from torch.utils.tensorboard import SummaryWriter
@@ -25,6 +28,7 @@ and ``param_monitor.writers.write_scalars(writer, metrics, step)`` writes them a
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch.nn as nn
@@ -32,6 +36,7 @@ from torch import Tensor
 from torch.nn.parameter import UninitializedParameter
 
 from param_monitor import distributed
+from param_monitor.checks import FitWarnings
 from param_monitor.sharing import SharedUseTracker
 from param_monitor.stats import StatsLayout, finalize, pack, to_host
 
@@ -83,7 +88,7 @@ class ParameterWatcher:
         self.dead_units = dead_units
         self._keep = name_filter(include, exclude)
         self._capture = False
-        self._divergences_warned: set[tuple[str, tuple[int, ...]]] = set()
+        self._warnings = FitWarnings()  # without a core (the watcher used by hand): its own once-per-fit warnings
         self.refresh()
 
     def refresh(self) -> None:
@@ -120,10 +125,11 @@ class ParameterWatcher:
     # -- one logged step ------------------------------------------------------------------
     def start_step(self, capture: bool = True) -> None:
         """Install the tracking hooks (only on steps that log)."""
-        if self.tracker is not None:
-            self.tracker.start(capture=capture)
-            self._capture = capture
-            self._combiner.reset()  # type: ignore[union-attr]
+        if self.tracker is None or self.tracker.active:
+            return  # already started: this step's capture (and the ranks' agreement so far) stands
+        self._capture = capture
+        self.tracker.start(capture=capture)
+        self._combiner.reset()  # type: ignore[union-attr]
 
     def begin_forward(self) -> None:
         if self.tracker is not None:
@@ -148,6 +154,23 @@ class ParameterWatcher:
             self.tracker.stop()
             self.tracker.reset()
 
+    def capture_problem(self) -> str | None:
+        """Why this tracked step cannot have captured the uses of shared parameters, or ``None``.
+
+        A forward and backward ran (gradients exist) under :meth:`start_step`, but no backward pass
+        was announced with :meth:`before_backward`: the graph was never walked, so no use is known.
+        """
+        tracker = self.tracker
+        if tracker is None or not tracker.active or not getattr(self, "_capture", False) or tracker.walked:
+            return None
+        if not any(p.grad is not None for _, p in self.named_params):
+            return None
+        return (
+            "no backward pass of this tracked step was announced (`before_backward(loss)` before `loss.backward()`, "
+            "`after_backward()` after it): the uses of shared parameters cannot be seen and no `shared_grad*` tag "
+            "is written. The plain-PyTorch API does it for you: `with monitor.step(step) as s: ...; s.backward(loss)`."
+        )
+
     @property
     def tracking(self) -> bool:
         return self.tracker is not None and self.tracker.active
@@ -159,6 +182,7 @@ class ParameterWatcher:
         group: distributed.ProcessGroup | None = None,
         names: set[str] | None = None,
         step: int | None = None,
+        fit_warnings: FitWarnings | None = None,
     ) -> tuple[Tensor, StatsLayout]:
         """Partial sums on the device (the contribution buffers are handed over, never written).
 
@@ -168,7 +192,8 @@ class ParameterWatcher:
         only if there are any). Sharded partial sums still need :meth:`reduce`. ``names`` restricts
         everything to those parameters (one optimizer's, when several step in one batch). The ranks
         first agree on the uses (one small all-gather); a parameter whose uses differ between ranks
-        gets no per-use values and one warning (naming ``step``).
+        gets no per-use values and one warning (naming ``step``), once per fit for each parameter and
+        use counts: through ``fit_warnings`` (the core's once-per-fit warnings) or the watcher's own.
         """
         contributions = self.tracker.contributions() if self.tracker is not None else {}
         named_params = self.named_params
@@ -183,20 +208,8 @@ class ParameterWatcher:
         if self._combiner is not None and group is not None:
             counts = {n: len(sites) for n, sites in self.tracker.call_sites().items()}  # type: ignore[union-attr]
             contributions = self._combiner.combine(contributions, [n for n, _ in named_params], group, counts)
-            self._warn_divergence(step)
-        packed, layout = pack(named_params, contributions, grad_scale, self._dead_unit_names)
-        if self._combiner is not None and group is not None and self.sharded:
-            segments = [(seg.kind, seg.length) for seg in layout.segments()]
-            packed = self._combiner.count_shards_once(packed, segments, distributed.dist.get_world_size(group))
-        return packed, layout
-
-    def _warn_divergence(self, step: int | None) -> None:
-        """One warning per step for the parameters whose uses differ between ranks (each pattern once per fit)."""
-        differ = self._combiner.differ if self._combiner is not None else {}
-        new = {n: c for n, c in differ.items() if (n, tuple(c)) not in self._divergences_warned}
-        if new:
-            self._divergences_warned.update((n, tuple(c)) for n, c in new.items())
-            distributed.warn_rank_zero(distributed.divergence_message(new, step))
+            (fit_warnings or self._warnings).diverged(self._combiner.differ, step)
+        return pack(named_params, contributions, grad_scale, self._dead_unit_names)
 
     def reduce(self, packed: Tensor, layout: StatsLayout, group: distributed.ProcessGroup | None) -> Tensor:
         """Sum the shards' partial sums over ``group`` (one collective; none unless parameters are sharded).
@@ -207,6 +220,7 @@ class ParameterWatcher:
             return packed
         world = distributed.dist.get_world_size(group)
         factors = {n: distributed.replication_factor(p, world) for n, p in self.named_params}
+        # FSDP2's per-use sums are partial sums of disjoint shards (factor 1), DDP's averaged uses replicated (W)
         weights = layout.replica_weights(factors, world, packed.numel())
         if weights is not None:  # replicated tensors next to sharded ones: count them once
             packed = packed * weights.to(packed.device)
@@ -219,6 +233,9 @@ class ParameterWatcher:
         (``distributed.reduction_group()``): the agreement on the uses (with tracking) and at most
         one collective of the statistics.
         """
+        missing = self.capture_problem()
+        if missing is not None:
+            warnings.warn(f"`ParameterWatcher.compute`: {missing}", stacklevel=2)
         packed, layout = self.pack(group=group)
         packed = self.reduce(packed, layout, group)
         self.end_step()

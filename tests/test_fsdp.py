@@ -33,7 +33,9 @@ from param_monitor._internals import fsdp_params, fsdp_unsharded_leaves
 from param_monitor.distributed import reduction_group
 from param_monitor.stats import finalize
 from tests.helpers.events import read_scalars
-from tests.test_distributed import assert_metrics_close, count_collectives, spawn_workers
+from tests.helpers.processes import count_collectives, spawn_workers
+from tests.helpers.trainers import make_trainer
+from tests.test_distributed import assert_metrics_close
 
 WORLD = 2
 VOCAB, WIDTH, SEQ, BATCH = 11, 5, 3, 4  # per rank: BATCH sequences of SEQ tokens
@@ -287,11 +289,8 @@ def test_fsdp2_ranks_that_diverge_get_no_per_use_values_and_one_warning(
 # -- the private reach (one process, fast) ----------------------------------------------------
 @contextmanager
 def one_process(tmp_path: Path) -> Iterator[None]:
-    """A world of one process (FSDP2 needs a process group), torn down after."""
-    if dist.is_initialized():  # left behind by an earlier test (Lightning's FSDP1 refusal): one process too
-        assert dist.get_world_size() == 1, "a process group of several processes is still up"
-        yield
-        return
+    """A world of one process (FSDP2 needs a process group), ours alone, torn down after."""
+    assert not dist.is_initialized(), "an earlier test left a process group up (it must destroy it)"
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         yield
@@ -402,16 +401,13 @@ def _lightning_worker(rank: int, port: int, out_dir: str) -> None:
     # LOCAL_RANK: Lightning treats the processes as launched externally (its launcher would re-run pytest)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = make_trainer(
+        Path(out_dir),
+        ParameterMonitor(log_every_n_steps=1),
         devices=WORLD,
         strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
         max_steps=STEPS,
         logger=TensorBoardLogger(out_dir, name="", version="run"),
-        callbacks=[ParameterMonitor(log_every_n_steps=1)],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
