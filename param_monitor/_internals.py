@@ -50,7 +50,13 @@ def fsdp_unsharded_leaves(root: nn.Module) -> dict[int, nn.Parameter]:
     """
     out: dict[int, nn.Parameter] = {}
     for fsdp_param in fsdp_params(root):
-        unsharded = getattr(fsdp_param, "_unsharded_param", None)  # before the first all-gather: none yet
+        unsharded = fsdp_unsharded_param(fsdp_param)
         if unsharded is not None:
             out[id(unsharded)] = fsdp_param.sharded_param
     return out
+
+
+def fsdp_unsharded_param(fsdp_param: Any) -> nn.Parameter | None:
+    """The unsharded parameter of one ``FSDPParam`` (see :func:`fsdp_unsharded_leaves`); ``None`` before
+    the first all-gather. ``_unsharded_param`` is private (``_fsdp_param.py``). Public replacement: none."""
+    return getattr(fsdp_param, "_unsharded_param", None)

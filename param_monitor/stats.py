@@ -322,13 +322,17 @@ def _finalize_shared(name: str, sites: list[str], it: Iterator[float], grad_norm
         along[i] += dot
         along[j] += dot
     total = math.fsum(along)
-    for site, value in zip(sites, along, strict=True):
-        out[f"{SHARED_GRAD_SHARE}/{name}/{site}"] = value / total if total > 0 else math.nan
+    # no gradient at all through the uses (an expert whose tokens are all zero): no shares rather than 0/0;
+    # a non-finite gradient keeps its NaN shares (the non-finite report covers it)
+    if total > 0 or not math.isfinite(total):
+        for site, value in zip(sites, along, strict=True):
+            out[f"{SHARED_GRAD_SHARE}/{name}/{site}"] = value / total
     out[f"{SHARED_GRAD_ERROR}/{name}"] = err / grad_norm if grad_norm > 0 else (0.0 if err == 0 else math.inf)
     cosines = [
         dot / (norms[i] * norms[j]) for (i, j), dot in zip(pairs, dots, strict=True) if norms[i] > 0 and norms[j] > 0
     ]
-    out[f"{SHARED_GRAD_COSINE}/{name}"] = sum(cosines) / len(cosines) if cosines else math.nan
+    if cosines:  # fewer than two uses with a gradient (a tied alias used once): no cosine, not NaN
+        out[f"{SHARED_GRAD_COSINE}/{name}"] = sum(cosines) / len(cosines)
     return out
 
 

@@ -94,8 +94,6 @@ class ParameterWatcher:
     def refresh(self) -> None:
         """Re-read the parameter list (after lazy parameters were materialized)."""
         old = getattr(self, "tracker", None)
-        if old is not None:
-            old.stop()
         self.named_params: list[tuple[str, nn.Parameter]] = [
             (n, p)
             for n, p in self.module.named_parameters()
@@ -103,11 +101,18 @@ class ParameterWatcher:
         ]
         self._lazy = [p for p in self.module.parameters() if isinstance(p, UninitializedParameter)]
         self.sharded = any(distributed.is_sharded(p) for _, p in self.named_params)
-        self.tracker = SharedUseTracker(self.module, param_filter=self._keep) if self.track_shared else None
+        if self.track_shared and old is not None and old.active:
+            old.reindex()  # a parameter added during a tracked step: the others keep this step's uses
+            self.tracker = old
+        else:
+            if old is not None:
+                old.stop()
+            self.tracker = SharedUseTracker(self.module, param_filter=self._keep) if self.track_shared else None
         # several processes: the ranks agree on the uses before combining them (FSDP2: in backward)
         self._combiner = distributed.UseCombiner(self.named_params, self.module) if self.tracker is not None else None
-        if self._combiner is not None and (self._combiner.sharded or self._combiner.unsupported):
-            self.tracker.use_hook = self._combiner.reduce_use  # type: ignore[union-attr]
+        if self.tracker is not None:
+            hooked = self._combiner.sharded or self._combiner.unsupported  # type: ignore[union-attr]
+            self.tracker.use_hook = self._combiner.reduce_use if hooked else None  # type: ignore[union-attr]
         if self._combiner is not None and self._combiner.unsupported:
             distributed.warn_rank_zero(
                 "`param_monitor`: per-use tracking needs FSDP2's default sharding (`Shard(0)` over a 1-D mesh); "
