@@ -499,9 +499,8 @@ class SharedUseTracker:
         # (the parameter hands out the same one while it lives) and see which ones fire inside.
         kind = next(kind for kind in opaque.values() if kind in _NESTED_BACKWARD_NODES)
         with torch.enable_grad():
-            for pid in self._trainable_ids():
-                param = self._param_of[pid]
-                acc = param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+            for leaf, pid in self._leaves():  # under FSDP2 the segment accumulates into the unsharded ones
+                acc = leaf.view_as(leaf).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
                 self._held_accumulators.append(acc)
                 self._node_handles.append(acc.register_prehook(partial(self._accumulated, pid=pid, kind=kind)))
 
@@ -515,18 +514,22 @@ class SharedUseTracker:
         if self._inside_nested > 0:
             self._opaque_params.setdefault(pid, kind)
 
-    def _leaf_ids(self) -> dict[int, int]:
-        """``{id(graph leaf): id(monitored parameter)}``: the parameters themselves and, under FSDP2, the
-        unsharded parameters it swaps into the module slots for each forward (their records are indexed
-        by :meth:`reindex`; the unsharded parameter itself is read at each walk: it exists only after
-        the first all-gather)."""
+    def _leaves(self) -> list[tuple[Tensor, int]]:
+        """Each graph leaf that stands for a trainable monitored parameter, with ``id(parameter)``: the
+        parameters themselves and, under FSDP2, the unsharded parameters it swaps into the module slots
+        for each forward (their records are indexed by :meth:`reindex`; the unsharded parameter itself
+        is read at each walk: it exists only after the first all-gather)."""
         trainable = self._trainable_ids()
-        leaves = {pid: pid for pid in trainable}
+        leaves: list[tuple[Tensor, int]] = [(self._param_of[pid], pid) for pid in trainable]
         for record, pid in self._fsdp_records:
             unsharded = fsdp_unsharded_param(record)
             if unsharded is not None and pid in trainable:
-                leaves[id(unsharded)] = pid
+                leaves.append((unsharded, pid))
         return leaves
+
+    def _leaf_ids(self) -> dict[int, int]:
+        """``{id(graph leaf): id(monitored parameter)}`` (see :meth:`_leaves`)."""
+        return {id(leaf): pid for leaf, pid in self._leaves()}
 
     def _trainable_ids(self) -> set[int]:
         return {

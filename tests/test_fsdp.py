@@ -344,6 +344,40 @@ def test_fsdp2_one_process_per_use_tags_equal_the_oracle(tmp_path: Path) -> None
     assert_metrics_close(got, oracle(TiedLM(), [(x, y)]))
 
 
+class CheckpointedLM(TiedLM):
+    """The first block inside a reentrant checkpointed segment (its own backward, opaque to the walk)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        first, second = self.blocks
+        h = self.wte(x)
+        h = checkpoint(lambda t: t + torch.tanh(first(t)), h, use_reentrant=True)
+        h = h + torch.tanh(second(h))
+        return self.lm_head(h)
+
+
+def test_fsdp2_reentrant_checkpointing_names_the_parameters_inside_the_segment(tmp_path: Path) -> None:
+    """Under FSDP2 the segment's own backward accumulates into the UNSHARDED parameters: those are the
+    accumulators to watch, or its parameters go unreported (as on one process without FSDP)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with one_process(tmp_path):
+        model = shard(CheckpointedLM(), "blocks+root", init_device_mesh("cpu", (1,)))
+        watcher = ParameterWatcher(model)
+        watcher.start_step()
+        watcher.begin_forward()
+        x, y = tokens(BATCH, seed=3)
+        loss = lm_loss(model, x, y)
+        watcher.before_backward(loss)
+        loss.backward()
+        watcher.after_backward()
+        unattributed = watcher.tracker.unattributed()
+        watcher.end_step()
+    assert sorted(unattributed) == ["blocks.0.bias", "blocks.0.weight"], unattributed
+    assert all("reentrant" in why for why in unattributed.values())
+
+
 def test_fsdp2_other_shard_dim_is_not_tracked_and_says_so(tmp_path: Path) -> None:
     """``Shard(-1)``: a use's rows are not this rank's rows, so it cannot be reduce-scattered into them:
     one warning naming the parameter, no per-use values, the per-tensor statistics as ever."""
