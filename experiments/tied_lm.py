@@ -63,11 +63,11 @@ class Config:
     n_layer: int = 2
     n_head: int = 4
     batch_size: int = 32
-    steps: int = 600
+    steps: int = 500
     lr: float = 3e-3
     warmup_steps: int = 50  # linear warm-up, then cosine decay to 10% of lr
     weight_decay: float = 0.01
-    log_every: int = 5  # ParameterMonitor's and train_loss's logging interval (optimizer steps)
+    log_every: int = 1  # ParameterMonitor's and train_loss's logging interval (optimizer steps)
     early_steps: int = 50  # "early in training": logged steps up to this one
     val_batches: int = 20
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -252,7 +252,8 @@ def validation_loss(model: nn.Module, tokens: Tensor, seq_len: int, batches: int
     n = min(batches * batch_size, (len(tokens) - 1) // seq_len)
     x = tokens[: n * seq_len].view(n, seq_len)
     y = tokens[1 : n * seq_len + 1].view(n, seq_len)
-    losses = [F.cross_entropy(model(xb).flatten(0, 1), yb.flatten()).item() for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)]
+    pairs = zip(x.split(batch_size), y.split(batch_size), strict=True)
+    losses = [F.cross_entropy(model(xb).flatten(0, 1), yb.flatten()).item() for xb, yb in pairs]
     model.train()
     return statistics.fmean(losses)
 
@@ -395,16 +396,18 @@ def markdown_table(rows: Sequence[dict[str, Any]], early_steps: int, steps: int)
     keys = ("ratio_first", "ratio_early", "ratio_late", "ratio_max", "sq_frac_early", "share_early", "share_late")
     for r in rows:
         cells = [fmt(r[k], 3 if k.startswith(("sq", "share")) else 2) for k in keys]
-        lines.append(f"| {r['variant']} | {r['seed']} | " + " | ".join(cells) + f" | {r['train_loss']:.3f} | {r['val_loss']:.3f} |")
+        losses = f" | {r['train_loss']:.3f} | {r['val_loss']:.3f} |"
+        lines.append(f"| {r['variant']} | {r['seed']} | " + " | ".join(cells) + losses)
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
         cells = []
         for k in (*keys, "train_loss", "val_loss"):
             vals = [r[k] for r in mine if r[k] is not None]
             digits = 3 if k.startswith(("sq", "share", "train", "val")) else 2
-            cells.append(
-                "–" if not vals else f"{statistics.fmean(vals):.{digits}f} ({min(vals):.{digits}f}–{max(vals):.{digits}f})"
-            )
+            if not vals:
+                cells.append("–")
+                continue
+            cells.append(f"{statistics.fmean(vals):.{digits}f} ({min(vals):.{digits}f}–{max(vals):.{digits}f})")
         lines.append(f"| **{variant}, mean (min–max)** | {len(mine)} seeds | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
