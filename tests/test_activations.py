@@ -1,0 +1,141 @@
+"""Activation statistics against the outputs the modules themselves produced (forward hooks of the test's own)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from param_monitor.activations import ActivationStats, finalize
+
+
+def _recorder(module: nn.Module, record: list[torch.Tensor]) -> torch.utils.hooks.RemovableHandle:
+    """The module's own outputs, call by call (a hook on the module, independent of the global ones)."""
+    return module.register_forward_hook(lambda m, args, out: record.append(out.detach().double().clone()))
+
+
+def _oracle(outputs: list[torch.Tensor]) -> tuple[float, float, float]:
+    x = torch.cat([o.flatten() for o in outputs])
+    return x.mean().item(), x.std(correction=0).item(), (x == 0).double().mean().item()
+
+
+def _measure(stats: ActivationStats, forwards: list) -> dict[str, float]:
+    stats.start()
+    for forward in forwards:
+        stats.begin_forward()
+        forward()
+    stats.stop()
+    packed, sites = stats.pack()
+    return finalize(packed.tolist(), sites)
+
+
+def _assert_site(metrics: dict[str, float], site: str, outputs: list[torch.Tensor]) -> None:
+    mean, std, zeros = _oracle(outputs)
+    assert metrics[f"activation_mean/{site}"] == pytest.approx(mean, rel=1e-9, abs=1e-12)
+    assert metrics[f"activation_std/{site}"] == pytest.approx(std, rel=1e-9)
+    assert metrics[f"activation_zero_frac/{site}"] == zeros
+
+
+def test_shared_relu_over_two_micro_batches_matches_its_own_outputs() -> None:
+    torch.manual_seed(0)
+    relu = nn.ReLU()
+    net = nn.Sequential(nn.Linear(3, 8), relu, nn.Linear(8, 8), relu, nn.Linear(8, 2))
+    first, relu_calls, last = [], [], []
+    handles = [_recorder(net[0], first), _recorder(relu, relu_calls), _recorder(net[4], last)]
+    batches = [torch.randn(5, 3), torch.randn(7, 3)]
+    metrics = _measure(ActivationStats(net), [lambda b=b: net(b).sum().backward() for b in batches])
+    for h in handles:
+        h.remove()
+    # the relu is called twice per forward: calls 0, 2 are site "1" (its first path), calls 1, 3 site "3"
+    _assert_site(metrics, "0", first)
+    _assert_site(metrics, "1", relu_calls[0::2])
+    _assert_site(metrics, "3", relu_calls[1::2])
+    _assert_site(metrics, "4", last)
+    assert 0 < metrics["activation_zero_frac/1"] < 1  # a ReLU: some exact zeros, not all
+    assert "activation_mean/2" in metrics and not any(k.endswith("/") for k in metrics)
+
+
+class Twice(nn.Module):
+    """One Linear called twice by a parent's own forward: sites ``lin#0`` and ``lin#1``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.lstm = nn.LSTM(4, 3, batch_first=True)  # a leaf whose output is a tuple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.lin(torch.tanh(self.lin(x))))
+        return out
+
+
+def test_module_called_twice_gets_numbered_sites_and_tuple_outputs_use_the_first_float_tensor() -> None:
+    torch.manual_seed(1)
+    model = Twice()
+    lin_calls, lstm_calls = [], []
+    h1 = _recorder(model.lin, lin_calls)
+    h2 = model.lstm.register_forward_hook(lambda m, a, out: lstm_calls.append(out[0].detach().double().clone()))
+    batches = [torch.randn(2, 5, 4), torch.randn(3, 5, 4)]
+    metrics = _measure(ActivationStats(model), [lambda b=b: model(b) for b in batches])
+    h1.remove()
+    h2.remove()
+    _assert_site(metrics, "lin#0", lin_calls[0::2])
+    _assert_site(metrics, "lin#1", lin_calls[1::2])
+    _assert_site(metrics, "lstm", lstm_calls)
+    assert {k.partition("/")[2] for k in metrics} == {"lin#0", "lin#1", "lstm"}  # leaves only: not the root
+
+
+def test_include_exclude_select_by_module_path() -> None:
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Sequential(nn.Linear(2, 2), nn.Tanh()))
+    x = torch.randn(3, 2)
+    only_inner = _measure(ActivationStats(net, include=["2.*"], exclude=["*.1"]), [lambda: net(x)])
+    assert {k.partition("/")[2] for k in only_inner} == {"2.0"}
+
+
+def test_hooks_only_while_started_and_nothing_left_on_the_model() -> None:
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    stats = ActivationStats(net)
+    net(torch.randn(2, 2))  # before start: not counted
+    stats.start()
+    stats.begin_forward()
+    net(torch.ones(1, 2))
+    stats.stop()
+    net(torch.randn(2, 2))  # after stop: not counted
+    packed, sites = stats.pack()
+    assert packed.tolist()[0::4] == [2.0, 2.0]  # one call of 2 elements per site
+    assert not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+
+
+def test_checkpointed_forward_rerun_in_backward_is_not_counted_twice() -> None:
+    torch.manual_seed(2)
+    inner = nn.Sequential(nn.Linear(3, 3), nn.ReLU())
+    calls: list[torch.Tensor] = []
+    handle = _recorder(inner[0], calls)
+    x = torch.randn(4, 3, requires_grad=True)
+    metrics = _measure(
+        ActivationStats(inner), [lambda: checkpoint(inner, x, use_reentrant=False).sum().backward()]
+    )
+    handle.remove()
+    assert len(calls) == 2  # the forward, then its re-run inside backward
+    _assert_site(metrics, "0", calls[:1])
+
+
+def test_non_finite_output_gets_no_value_and_is_named() -> None:
+    net = nn.ModuleList([nn.Identity(), nn.Identity()])
+    stats = ActivationStats(net)
+    stats.start()
+    net[0](torch.tensor([1.0, math.nan]))
+    net[1](torch.tensor([0.0, 1.0]))
+    stats.stop()
+    packed, sites = stats.pack()
+    skipped: list[str] = []
+    metrics = finalize(packed.tolist(), sites, skipped)
+    assert skipped == ["0"] and "activation_mean/0" not in metrics
+    assert (metrics["activation_mean/1"], metrics["activation_std/1"], metrics["activation_zero_frac/1"]) == (
+        0.5,
+        0.5,
+        0.5,
+    )
