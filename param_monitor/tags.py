@@ -1,7 +1,11 @@
-"""The tag schema, in one place: every name the monitor writes is built here.
+"""The tag schema and the registry of metric families, in one place.
 
-The callback, the TensorBoard layout, the PARAM MONITOR tab and the static report all use these
-functions, so a renamed tag is renamed everywhere (see the README's tag table).
+Every name the monitor writes is built here, and every family of scalars it writes is declared
+once in :data:`FAMILIES`: its prefix, what follows the prefix, how a multi-process run combines
+it, the chart that shows it, the axis it is read on, the option that turns it on and what it
+means. The statistics, the custom-scalars layout, the PARAM MONITOR tab (through its
+``/families`` route), the static report and the docs' tag table read this registry, so adding
+a statistic means its partial sums plus one entry here.
 
 >>> weight_mean("net.3.weight"), shared_grad_share("net.3.weight", "net.6")
 ('weight_mean/net.3.weight', 'shared_grad_share/net.3.weight/net.6')
@@ -10,6 +14,8 @@ functions, so a renamed tag is renamed everywhere (see the README's tag table).
 """
 
 from __future__ import annotations
+
+from dataclasses import asdict, dataclass
 
 WEIGHT_MEAN = "weight_mean"
 WEIGHT_NORM = "weight_norm"
@@ -94,3 +100,96 @@ def split_shared(tag: str) -> tuple[str, str]:
 #: one summary per run that describes the model (parameters in order, aliases, call sites).
 PLUGIN_NAME = "param_monitor"
 RUN_METADATA_TAG = "param_monitor/run_metadata"
+
+
+# -- the registry of metric families ----------------------------------------------------------
+#: what follows a family's prefix in its tags
+KEYS = ("", "name", "name/site", "site", "name/state", "optimizer")
+#: how a multi-process run combines a family (always from additive partial sums, see stats.py)
+REDUCTIONS = ("sqrt_sum_sq", "sum_over_numel", "ratio_of_sums", "per_use", "rank0")
+#: the tab's and the report's view of a family
+CHARTS = ("heatmap", "stack", "lines", "scalar")
+
+
+@dataclass(frozen=True)
+class MetricFamily:
+    """One family of scalars: ``{name}/{key}`` tags (just ``{name}`` when ``key`` is empty).
+
+    >>> family("grad_norm").tag("net.3.weight"), family("grad_norm").scale
+    ('grad_norm/net.3.weight', 'log')
+    >>> family_of("shared_grad_share/net.3.weight/net.6").name
+    'shared_grad_share'
+    """
+
+    name: str
+    key: str  # one of KEYS
+    reduction: str  # one of REDUCTIONS
+    chart: str  # one of CHARTS
+    scale: str  # the default axis: "log" or "linear"
+    option: str | None  # the ParameterMonitor argument that turns it on (None: always on)
+    meaning: str  # one line, as the docs' tag table says it
+    gradient: bool = False  # derived from gradients: dropped together when a step's gradients are unusable
+
+    def tag(self, *parts: str) -> str:
+        return "/".join((self.name, *parts))
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+FAMILIES: tuple[MetricFamily, ...] = (
+    MetricFamily(WEIGHT_MEAN, "name", "sum_over_numel", "heatmap", "linear", None,
+                 "mean of the parameter's values"),
+    MetricFamily(WEIGHT_NORM, "name", "sqrt_sum_sq", "heatmap", "log", None,
+                 "L2 norm of the values"),
+    MetricFamily(GRAD_NORM, "name", "sqrt_sum_sq", "heatmap", "log", None,
+                 "L2 norm of the gradient the optimizer steps on (unscaled, fully accumulated, before clipping)",
+                 gradient=True),
+    MetricFamily(GRAD_NORM_TOTAL, "optimizer", "sqrt_sum_sq", "scalar", "log", None,
+                 "L2 norm over all unique monitored parameters (tied tensors once); "
+                 "`grad_norm_total/optimizer_{i}` per optimizer when there are several", gradient=True),
+    MetricFamily(SHARED_GRAD, "name/site", "per_use", "stack", "log", "track_shared",
+                 "L2 norm of the contribution of ONE use of a shared parameter", gradient=True),
+    MetricFamily(SHARED_GRAD_SHARE, "name/site", "per_use", "stack", "linear", "track_shared",
+                 "that use's share <c_site, S>/||S||^2 of the gradient S: the shares add up to 1, "
+                 "negative for a use pulling against the others", gradient=True),
+    MetricFamily(SHARED_GRAD_ERROR, "name", "per_use", "lines", "log", "track_shared",
+                 "||sum of the uses - grad|| / ||grad||: about 1e-7 when every use is seen", gradient=True),
+    MetricFamily(SHARED_GRAD_COSINE, "name", "per_use", "lines", "linear", "track_shared",
+                 "mean pairwise cosine between the uses' contributions (two uses or more)", gradient=True),
+    MetricFamily(UPDATE_RATIO, "name", "ratio_of_sums", "heatmap", "log", "log_update_ratio",
+                 "||w_after - w_before|| / ||w_before|| of the logging step's optimizer step (rule of thumb: 1e-3)"),
+    MetricFamily(DEAD_UNITS, "name", "ratio_of_sums", "heatmap", "linear", "log_dead_units",
+                 "Linear/Conv weights: fraction of output units whose gradient row is exactly zero on this batch",
+                 gradient=True),
+)
+
+_BY_NAME = {f.name: f for f in FAMILIES}
+
+
+def register(new: MetricFamily) -> MetricFamily:
+    """Add a family (an opt-in statistic's module declares its own); names are unique."""
+    global FAMILIES
+    if new.name in _BY_NAME:
+        raise ValueError(f"metric family {new.name!r} is already registered")
+    checks = ((new.key, KEYS), (new.reduction, REDUCTIONS), (new.chart, CHARTS), (new.scale, ("log", "linear")))
+    for value, allowed in checks:
+        if value not in allowed:
+            raise ValueError(f"{new.name}: {value!r} is not one of {allowed}")
+    FAMILIES = (*FAMILIES, new)
+    _BY_NAME[new.name] = new
+    return new
+
+
+def family(name: str) -> MetricFamily:
+    """The family registered as ``name`` (a KeyError names the registered ones)."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"no metric family {name!r}; registered: {', '.join(_BY_NAME)}") from None
+
+
+def family_of(tag: str) -> MetricFamily | None:
+    """The family a scalar tag belongs to (``None`` for other tags). ``grad_norm_total`` is not ``grad_norm``."""
+    head = tag.split("/", 1)[0]
+    return _BY_NAME.get(head)
