@@ -54,24 +54,10 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from param_monitor.sharing import ROOT_SITE, _sequential_parent
+from param_monitor.tags import activation_mean, activation_std, activation_zero_frac
 
-ACTIVATION_MEAN = "activation_mean"
-ACTIVATION_STD = "activation_std"
-ACTIVATION_ZERO_FRAC = "activation_zero_frac"
 #: partial sums per site, in the packed vector's order
 FIELDS = ("count", "sum", "sum_sq", "zeros")
-
-
-def activation_mean(site: str) -> str:
-    return f"{ACTIVATION_MEAN}/{site}"
-
-
-def activation_std(site: str) -> str:
-    return f"{ACTIVATION_STD}/{site}"
-
-
-def activation_zero_frac(site: str) -> str:
-    return f"{ACTIVATION_ZERO_FRAC}/{site}"
 
 
 def first_float_tensor(output: Any) -> Tensor | None:

@@ -34,12 +34,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from param_monitor.dtensor import is_sharded, local_tensor
-
-OPTIMIZER_STATE_NORM = "optimizer_state_norm"
-
-
-def optimizer_state_norm(name: str, state: str) -> str:
-    return f"{OPTIMIZER_STATE_NORM}/{name}/{state}"
+from param_monitor.tags import optimizer_state_norm
 
 
 def _monitored(value: object) -> bool:

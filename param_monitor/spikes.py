@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-SPIKES_TAG = "param_monitor/spikes"
+from param_monitor.tags import SPIKES_TAG  # noqa: F401  (the text record's tag)
+
 #: the spread of a normal distribution is 1.4826 MADs
 MAD_TO_STD = 1.4826
 #: spread floor, relative to |median|
