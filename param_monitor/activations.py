@@ -249,3 +249,85 @@ def finalize(values: Sequence[float], sites: Sequence[str], nonfinite: list[str]
         metrics[activation_std(site)] = math.sqrt(max(square / count - mean * mean, 0.0))
         metrics[activation_zero_frac(site)] = zeros / count
     return metrics
+
+
+class ActivationCollector:
+    """``log_activations``: a step hook and a collector of the monitor's core (``core.StepHook``/``core.Collector``).
+
+    Hooks go on at the first batch of a logging step and come off before its optimizer step; the
+    sums ride in the step's one transfer. Under DDP (replicated parameters, ``sharded()`` False)
+    the core does not reduce collectors' values, so :meth:`pack` SUM-all-reduces them itself (one
+    collective, logging steps only); with sharded parameters the core's own reduction sums them.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        sharded: Any = lambda: False,
+    ) -> None:
+        self.stats = ActivationStats(module, include, exclude)
+        self._sharded = sharded
+        self._sites: list[str] = []
+        self._packed = False  # this step's sums went out already (a second optimizer gets none)
+        self._warned = False
+
+    def batch_start(self, logging: bool) -> None:
+        if not logging:
+            return
+        if not self.stats.active:  # the step's first micro-batch (later ones add to its sums)
+            self._packed = False
+            self.stats.start()
+        self.stats.begin_forward()
+
+    def before_backward(self, loss: Any) -> None: ...
+    def after_backward(self) -> None: ...
+
+    def before_optimizer_step(self, optimizer: Any, logging: bool) -> None:
+        self.stats.stop()  # the step's forward passes are over
+
+    def after_optimizer_step(self, optimizer: Any, logging: bool) -> None: ...
+
+    def batch_end(self, logging: bool) -> None:
+        if logging:
+            return  # a micro-batch of the logging step: the sums go on (reset after they are packed)
+        self.stats.stop()
+        self.stats.reset()
+        self._packed = False
+
+    def on_exception(self, exc: BaseException) -> None:
+        self.teardown()
+
+    def teardown(self) -> None:
+        self.stats.stop()
+        self.stats.reset()
+        self._packed = False
+
+    def pack(self, optimizer: Any) -> Tensor:
+        from param_monitor import distributed
+
+        self.stats.stop()
+        if self._packed:
+            self._sites = []
+            return torch.zeros(0, dtype=torch.float64)
+        self._packed = True
+        packed, self._sites = self.stats.pack()
+        self.stats.reset()
+        group = distributed.reduction_group()
+        if group is not None and not self._sharded():
+            packed = distributed.all_reduce_sum(packed, group)
+        return packed
+
+    def finalize(self, values: Sequence[float]) -> dict[str, float]:
+        from param_monitor import distributed
+
+        nonfinite: list[str] = []
+        metrics = finalize(values, self._sites, nonfinite)
+        if nonfinite and not self._warned:
+            self._warned = True
+            distributed.warn_rank_zero(
+                f"`ParameterMonitor`: non-finite (NaN/inf) module outputs, e.g. in {', '.join(nonfinite[:3])}: their "
+                "activation statistics are not logged (shown once per fit)."
+            )
+        return metrics

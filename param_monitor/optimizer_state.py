@@ -27,7 +27,7 @@ the vector once; under DDP every rank holds the same state and rank 0's vector i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -80,3 +80,44 @@ def finalize(values: Sequence[float], tags: Sequence[str]) -> dict[str, float]:
     if len(values) != len(tags):
         raise ValueError(f"expected {len(tags)} squared norms, got {len(values)}")
     return {tag: math.sqrt(v) for tag, v in zip(tags, values, strict=True) if math.isfinite(v)}
+
+
+class OptimizerStateHook:
+    """``log_optimizer_state``: a step hook of the monitor's core (``core.StepHook``), after each optimizer step.
+
+    On a logging step, the norms of ``optimizer``'s state for ``named_params()`` (the monitored
+    parameters, first names) are read right after its ``step()`` (torch's step post-hook, run by the
+    core; none for a step GradScaler skips) and go to ``write(metrics)`` in one transfer. Under DDP
+    the states are the same on every rank: rank 0 reads them, no collective; sharded states are
+    summed over the ranks with one all-reduce (every rank takes part).
+    """
+
+    def __init__(self, named_params: Callable[[], Sequence[tuple[str, nn.Parameter]]], write: Callable) -> None:
+        self._named_params = named_params
+        self._write = write
+
+    def after_optimizer_step(self, optimizer: Optimizer, logging: bool) -> None:
+        from param_monitor import distributed
+
+        if not logging:
+            return
+        named = self._named_params()
+        sharded = any_sharded(optimizer, named)
+        if not (sharded or distributed.is_rank_zero()):
+            return
+        packed, tags = pack(optimizer, named)
+        if not tags:
+            return
+        if sharded:
+            packed = distributed.all_reduce_sum(packed, distributed.reduction_group())
+        metrics = finalize(packed.cpu().tolist(), tags)  # the one transfer
+        if metrics and distributed.is_rank_zero():
+            self._write(metrics)
+
+    def batch_start(self, logging: bool) -> None: ...
+    def before_backward(self, loss: object) -> None: ...
+    def after_backward(self) -> None: ...
+    def before_optimizer_step(self, optimizer: Optimizer, logging: bool) -> None: ...
+    def batch_end(self, logging: bool) -> None: ...
+    def on_exception(self, exc: BaseException) -> None: ...
+    def teardown(self) -> None: ...

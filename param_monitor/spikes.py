@@ -30,7 +30,7 @@ logging step's transfer; :meth:`SpikeDetector.read_record` decodes it on the hos
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -132,3 +132,126 @@ def markdown(spikes: Sequence[Spike], total: int, rule: str) -> str:
     ]
     lines += [f"| {s.step} | {s.series} | {s.value:.6g} | {s.threshold:.6g} |" for s in spikes]
     return "\n".join(lines)
+
+
+#: the rule as the text record states it
+def rule(window: int = 100, threshold: float = 6.0, warmup: int = 20) -> str:
+    return (
+        f"value > median + {threshold:g} * max(1.4826 * MAD, 0.01 * |median|) over the last {window} values, "
+        f"after {warmup}"
+    )
+
+
+class SpikeHook:
+    """``detect_spikes``: a step hook and a collector of the monitor's core (``core.StepHook``/``core.Collector``).
+
+    Every optimizer step (logging or not) the total gradient norm of ``params()`` (squared norms
+    times ``grad_scale(optimizer)`` where AMP's gradients are still scaled) is tested and added on
+    the device; every backward pass, the loss handed to it (times ``loss_scale()`` under a
+    GradScaler; under Lightning's gradient accumulation, divided by the number of micro-batches, so
+    one point per micro-batch on a steady scale). The records ride in the next logging step's
+    transfer (:meth:`pack`); new spikes are warned about once per series and written as the
+    ``param_monitor/spikes`` text (the first 20 of the fit) through ``write_text(markdown, step)``.
+    ``step()`` gives the current step label. Under DDP each rank keeps its own detectors (the gradient
+    norm is the same everywhere; the loss is rank 0's); with sharded parameters the gradient norm
+    of a rank's shards is not the model's, so only the loss is watched.
+    """
+
+    SHOWN = 20
+
+    def __init__(
+        self,
+        params: Callable[[], Sequence[Tensor]],
+        step: Callable[[], int],
+        write_text: Callable[[str, int], None],
+        grad_scale: Callable[[object], Tensor | None] = lambda optimizer: None,
+        loss_scale: Callable[[], Tensor | None] = lambda: None,
+        sharded: Callable[[], bool] = lambda: False,
+        window: int = 100,
+        threshold: float = 6.0,
+        warmup: int = 20,
+    ) -> None:
+        self._params, self._step, self._write_text = params, step, write_text
+        self._grad_scale, self._loss_scale, self._sharded = grad_scale, loss_scale, sharded
+        self.rule = rule(window, threshold, warmup)
+        self.detectors = {
+            name: SpikeDetector(name, window, threshold, warmup) for name in ("grad_norm_total", "train_loss")
+        }
+        self._stepped = -1  # the last step whose gradient norm was tested (several optimizers: once)
+        self._taken: list[SpikeDetector] = []
+        self.found: list[Spike] = []
+        self.total = 0
+        self._warned: set[str] = set()
+
+    # -- every step, on the device ------------------------------------------------------------------
+    @torch.no_grad()
+    def before_backward(self, loss: object) -> None:
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+            return
+        value = loss.detach().reshape(())
+        scale = self._loss_scale()
+        if scale is not None:
+            value = value * scale.to(value.device)
+        self.detectors["train_loss"].update(value, self._step())
+
+    @torch.no_grad()
+    def before_optimizer_step(self, optimizer: object, logging: bool) -> None:
+        from param_monitor.dtensor import local_tensor
+
+        step = self._step()
+        if step == self._stepped or self._sharded():
+            return
+        self._stepped = step
+        grads = [local_tensor(p.grad) for p in self._params() if p.grad is not None]
+        if not grads:
+            return
+        squares = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads, 2)]).double().square()
+        total = squares.sum()
+        scale = self._grad_scale(optimizer)
+        if scale is not None:
+            total = total * scale.to(total.device)
+        self.detectors["grad_norm_total"].update(total.sqrt(), step)
+
+    # -- the logging step's transfer -----------------------------------------------------------------
+    def pack(self, optimizer: object) -> Tensor:
+        from param_monitor import distributed
+
+        self._taken = [d for d in self.detectors.values() if d._values is not None]
+        records = [d.device_record() for d in self._taken]
+        if not records:
+            return torch.zeros(0, dtype=torch.float64)
+        device = records[0].device
+        packed = torch.cat([r.to(device) for r in records])
+        if self._sharded() and not distributed.is_rank_zero():
+            packed = torch.zeros_like(packed)  # the core sums a sharded run's values over the ranks: rank 0's count
+        return packed
+
+    def finalize(self, values: Sequence[float]) -> dict[str, float]:
+        from param_monitor import distributed
+
+        offset, new = 0, []
+        for detector in self._taken:
+            new += detector.read_record(values[offset : offset + detector.record_size])
+            self.total += int(values[offset])
+            offset += detector.record_size
+        self._taken = []
+        if new:
+            new.sort(key=lambda s: s.step)
+            self.found = sorted(self.found + new, key=lambda s: s.step)[: self.SHOWN]
+            self._write_text(markdown(self.found, self.total, self.rule), max(s.step for s in new))
+            for spike in new:
+                if spike.series not in self._warned:
+                    self._warned.add(spike.series)
+                    distributed.warn_rank_zero(
+                        f"`ParameterMonitor`: {spike.series} spiked at step {spike.step}: {spike.value:.4g} > "
+                        f"{spike.threshold:.4g} ({self.rule}). Later spikes of {spike.series} go to the "
+                        "`param_monitor/spikes` text only."
+                    )
+        return {}
+
+    def batch_start(self, logging: bool) -> None: ...
+    def after_backward(self) -> None: ...
+    def after_optimizer_step(self, optimizer: object, logging: bool) -> None: ...
+    def batch_end(self, logging: bool) -> None: ...
+    def on_exception(self, exc: BaseException) -> None: ...
+    def teardown(self) -> None: ...
