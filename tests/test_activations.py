@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
+from functools import partial
+from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from param_monitor import ParameterMonitor
+from param_monitor._lightning import step_label
 from param_monitor.activations import ActivationStats, finalize
+from tests.helpers.modules import fit
 
 
 def _recorder(module: nn.Module, record: list[torch.Tensor]) -> torch.utils.hooks.RemovableHandle:
@@ -139,3 +146,57 @@ def test_non_finite_output_gets_no_value_and_is_named() -> None:
         0.5,
         0.5,
     )
+
+
+# -- under a real Trainer, read back from the event files ----------------------------------------------
+class ReluTwice(pl.LightningModule):
+    """A ReLU used twice by a Sequential; the module records its own outputs per step label (the oracle)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.relu = nn.ReLU()
+        self.net = nn.Sequential(nn.Linear(4, 8), self.relu, nn.Linear(8, 8), self.relu, nn.Linear(8, 3))
+        self.outputs: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self._calls = 0
+
+    def on_fit_start(self) -> None:
+        def keep(site_of_call, module, args, out) -> None:  # noqa: ANN001
+            site = site_of_call(self._calls)
+            self._calls += 1
+            self.outputs.setdefault((step_label(self.trainer), site), []).append(out.detach().double().clone())
+
+        self.net[0].register_forward_hook(partial(keep, lambda k: "net.0"))
+        self.relu.register_forward_hook(partial(keep, lambda k: "net.1" if k % 2 == 0 else "net.3"))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._calls = 0
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def test_trainer_activation_statistics_over_accumulated_micro_batches_match_the_modules_own_outputs(
+    tmp_path: Path,
+) -> None:
+    module = ReluTwice()
+    monitor = ParameterMonitor(log_every_n_steps=2, log_activations=True)
+    _, scalars = fit(module, tmp_path, monitor, max_steps=4, accumulate_grad_batches=2)
+    logged = sorted(scalars["activation_mean/net.1"])
+    assert logged == [1, 3]  # the logging steps only
+    for step in logged:
+        for site in ("net.0", "net.1", "net.3"):
+            outputs = module.outputs[(step, site)]
+            assert len(outputs) == 2  # both micro-batches of the step
+            mean, std, zeros = _oracle(outputs)
+            assert scalars[f"activation_mean/{site}"][step] == pytest.approx(mean, rel=1e-5, abs=1e-7)
+            assert scalars[f"activation_std/{site}"][step] == pytest.approx(std, rel=1e-5)
+            assert scalars[f"activation_zero_frac/{site}"][step] == pytest.approx(zeros, rel=1e-6)
+    assert not nn.modules.module._global_forward_hooks and not nn.modules.module._global_forward_pre_hooks
+
+
+def test_trainer_without_the_option_logs_no_activations(tmp_path: Path) -> None:
+    _, scalars = fit(ReluTwice(), tmp_path, ParameterMonitor(), max_steps=2)
+    assert scalars and not any(tag.startswith("activation_") for tag in scalars)

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from param_monitor import optimizer_state
+from param_monitor import ParameterMonitor, optimizer_state
+from param_monitor._lightning import step_label
+from tests.helpers.modules import fit
 
 
 def _oracle(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, float]:
@@ -63,3 +70,55 @@ def test_parameters_without_state_give_nothing_and_non_finite_is_dropped() -> No
     packed, tags = optimizer_state.pack(opt, [("w", w), ("frozen", frozen)])
     assert tags == ["optimizer_state_norm/w/exp_avg", "optimizer_state_norm/w/exp_avg_sq"]
     assert optimizer_state.finalize(packed.tolist(), tags) == {}  # inf moments: no value
+
+
+# -- under a real Trainer, read back from the event files ----------------------------------------------
+class Tied(pl.LightningModule):
+    """A Linear used twice (one tensor, two names), AdamW; records its optimizer's state_dict after each step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(4, 4)
+        self.again = self.inp
+        self.out = nn.Linear(4, 3)
+        self.states: dict[int, dict] = {}
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.out(torch.tanh(self.again(torch.tanh(self.inp(x))))), y)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        # after the optimizer step; the step label of the step that just ran is one less than now
+        self.states[step_label(self.trainer) - 1] = copy.deepcopy(self.trainer.optimizers[0].state_dict())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def test_trainer_logs_every_state_norm_after_the_logging_steps_optimizer_step(tmp_path: Path) -> None:
+    module = Tied()
+    _, scalars = fit(module, tmp_path, ParameterMonitor(log_every_n_steps=2, log_optimizer_state=True), max_steps=4)
+    names = {i: n for i, (n, _) in enumerate(module.named_parameters())}  # first names: inp.*, out.*
+    state_tags = {t for t in scalars if t.startswith("optimizer_state_norm/")}
+    assert state_tags == {f"optimizer_state_norm/{n}/{s}" for n in names.values() for s in ("exp_avg", "exp_avg_sq")}
+    for step in (1, 3):
+        oracle = _oracle_from(module.states[step], names)
+        for tag, value in oracle.items():
+            assert scalars[tag][step] == pytest.approx(value, rel=1e-6)
+    assert all(sorted(scalars[t]) == [1, 3] for t in state_tags)
+
+
+def _oracle_from(sd: dict, names: dict[int, str]) -> dict[str, float]:
+    order = [i for group in sd["param_groups"] for i in group["params"]]
+    return {
+        f"optimizer_state_norm/{names[order.index(i)]}/{k}": v.double().norm().item()
+        for i, state in sd["state"].items()
+        for k, v in state.items()
+        if v.dim() > 0
+    }
+
+
+def test_trainer_without_the_option_logs_no_state(tmp_path: Path) -> None:
+    _, scalars = fit(Tied(), tmp_path, ParameterMonitor(), max_steps=2)
+    assert scalars and not any(t.startswith("optimizer_state_norm/") for t in scalars)

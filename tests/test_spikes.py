@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn as nn
 
+from param_monitor import ParameterMonitor
+from param_monitor._lightning import step_label
 from param_monitor.spikes import MAD_TO_STD, RELATIVE_FLOOR, SpikeDetector, markdown
+from tests.helpers.events import read_texts
+from tests.helpers.modules import fit, loader
 
 
 def _lower_median(values: list[float]) -> float:
@@ -88,3 +95,49 @@ def test_count_beyond_capacity_and_the_text() -> None:
 def test_warmup_must_fit_the_window() -> None:
     with pytest.raises(ValueError, match="warmup must be between 1 and window"):
         SpikeDetector("loss", window=10, warmup=11)
+
+
+# -- under a real Trainer, read back from the event files ----------------------------------------------
+class Regression(pl.LightningModule):
+    """Linear regression with steady gradients; ``spike_at``: that step's loss is multiplied by 50."""
+
+    def __init__(self, spike_at: int | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 1)
+        self.spike_at = spike_at
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, _ = batch
+        loss = (self.lin(x) - x.sum(dim=1, keepdim=True)).pow(2).mean() + 1.0
+        return loss * 50 if step_label(self.trainer) == self.spike_at else loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def _spike_fit(tmp_path: Path, spike_at: int | None) -> tuple[list[tuple[int, str]], list[str]]:
+    import warnings
+
+    data = loader(n=800, batch_size=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = fit(
+            Regression(spike_at), tmp_path, ParameterMonitor(log_every_n_steps=10, detect_spikes=True), data, max_steps=60
+        )
+    texts = read_texts(trainer.logger.log_dir, "param_monitor/spikes")
+    return texts, [str(w.message) for w in caught if "spiked" in str(w.message)]
+
+
+def test_trainer_records_a_planted_spike_at_its_step(tmp_path: Path) -> None:
+    texts, warned = _spike_fit(tmp_path, spike_at=37)
+    assert texts and texts[0][0] == 37  # written at the spike's step, read on the next logging step (39)
+    text = texts[-1][1]
+    assert "| 37 | grad_norm_total |" in text and "| 37 | train_loss |" in text
+    assert "| 38 |" not in text and "| 36 |" not in text
+    assert len(warned) == 2 and all("at step 37" in w for w in warned)  # once per series
+
+
+def test_trainer_spike_free_run_records_none(tmp_path: Path) -> None:
+    texts, warned = _spike_fit(tmp_path, spike_at=None)
+    assert texts == [] and warned == []
