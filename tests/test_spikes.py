@@ -122,9 +122,8 @@ def _spike_fit(tmp_path: Path, spike_at: int | None) -> tuple[list[tuple[int, st
     data = loader(n=800, batch_size=8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer, _ = fit(
-            Regression(spike_at), tmp_path, ParameterMonitor(log_every_n_steps=10, detect_spikes=True), data, max_steps=60
-        )
+        monitor = ParameterMonitor(log_every_n_steps=10, detect_spikes=True)
+        trainer, _ = fit(Regression(spike_at), tmp_path, monitor, data, max_steps=60)
     texts = read_texts(trainer.logger.log_dir, "param_monitor/spikes")
     return texts, [str(w.message) for w in caught if "spiked" in str(w.message)]
 
