@@ -155,22 +155,24 @@ class ReluTwice(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.relu = nn.ReLU()
-        self.net = nn.Sequential(nn.Linear(4, 8), self.relu, nn.Linear(8, 8), self.relu, nn.Linear(8, 3))
+        relu = nn.ReLU()  # registered at net.1 and net.3 only: its sites are those two paths
+        self.net = nn.Sequential(nn.Linear(4, 8), relu, nn.Linear(8, 8), relu, nn.Linear(8, 3))
         self.outputs: dict[tuple[int, str], list[torch.Tensor]] = {}
-        self._calls = 0
+        self._relu_calls = 0
 
     def on_fit_start(self) -> None:
         def keep(site_of_call, module, args, out) -> None:  # noqa: ANN001
-            site = site_of_call(self._calls)
-            self._calls += 1
-            self.outputs.setdefault((step_label(self.trainer), site), []).append(out.detach().double().clone())
+            key = (step_label(self.trainer), site_of_call())
+            self.outputs.setdefault(key, []).append(out.detach().double().clone())
 
-        self.net[0].register_forward_hook(partial(keep, lambda k: "net.0"))
-        self.relu.register_forward_hook(partial(keep, lambda k: "net.1" if k % 2 == 0 else "net.3"))
+        def relu_site() -> str:  # its calls alternate: first net.1, then net.3
+            self._relu_calls += 1
+            return "net.1" if self._relu_calls % 2 == 1 else "net.3"
+
+        self.net[0].register_forward_hook(partial(keep, lambda: "net.0"))
+        self.net[1].register_forward_hook(partial(keep, relu_site))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        self._calls = 0
         x, y = batch
         return F.cross_entropy(self.net(x), y)
 

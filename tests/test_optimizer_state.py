@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from param_monitor import ParameterMonitor, optimizer_state
-from param_monitor._lightning import step_label
 from tests.helpers.modules import fit
 
 
@@ -74,7 +73,8 @@ def test_parameters_without_state_give_nothing_and_non_finite_is_dropped() -> No
 
 # -- under a real Trainer, read back from the event files ----------------------------------------------
 class Tied(pl.LightningModule):
-    """A Linear used twice (one tensor, two names), AdamW; records its optimizer's state_dict after each step."""
+    """A Linear used twice (one tensor, two names), AdamW; records its optimizer's state_dict after each step
+    (a step post-hook of its own)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,12 +88,15 @@ class Tied(pl.LightningModule):
         x, y = batch
         return F.cross_entropy(self.out(torch.tanh(self.again(torch.tanh(self.inp(x))))), y)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        # after the optimizer step; the step label of the step that just ran is one less than now
-        self.states[step_label(self.trainer) - 1] = copy.deepcopy(self.trainer.optimizers[0].state_dict())
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+        def record(opt, args, kwargs) -> None:  # noqa: ANN001
+            # the state after the step whose label is the number of steps taken before it
+            self.states[len(self.states)] = copy.deepcopy(opt.state_dict())
+
+        optimizer.register_step_post_hook(record)
+        return optimizer
 
 
 def test_trainer_logs_every_state_norm_after_the_logging_steps_optimizer_step(tmp_path: Path) -> None:

@@ -99,7 +99,8 @@ def test_warmup_must_fit_the_window() -> None:
 
 # -- under a real Trainer, read back from the event files ----------------------------------------------
 class Regression(pl.LightningModule):
-    """Linear regression with steady gradients; ``spike_at``: that step's loss is multiplied by 50."""
+    """Linear regression on one fixed batch (a smooth, decaying gradient norm); ``spike_at``: that step's
+    loss is multiplied by 50."""
 
     def __init__(self, spike_at: int | None = None) -> None:
         super().__init__()
@@ -119,7 +120,7 @@ class Regression(pl.LightningModule):
 def _spike_fit(tmp_path: Path, spike_at: int | None) -> tuple[list[tuple[int, str]], list[str]]:
     import warnings
 
-    data = loader(n=800, batch_size=8)
+    data = loader(n=64, batch_size=64)  # the same batch every step: no noise that could pass for a spike
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         monitor = ParameterMonitor(log_every_n_steps=10, detect_spikes=True)
