@@ -202,3 +202,58 @@ def test_trainer_activation_statistics_over_accumulated_micro_batches_match_the_
 def test_trainer_without_the_option_logs_no_activations(tmp_path: Path) -> None:
     _, scalars = fit(ReluTwice(), tmp_path, ParameterMonitor(), max_steps=2)
     assert scalars and not any(tag.startswith("activation_") for tag in scalars)
+
+
+# -- two processes (DDP, gloo on CPU) --------------------------------------------------------------------
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_activation_statistics_are_those_of_the_global_batch(tmp_path: Path) -> None:
+    """Each rank sees half of a step's rows; the logged statistics are those of all rows (one process, oracle)."""
+    import os
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from tests.helpers.events import read_scalars
+    from tests.test_distributed import BATCH, STEPS, WORLD, SharedClassifier, dataset, free_port, retry_if_killed
+
+    def attempt(out: Path) -> None:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(free_port())
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=WORLD,
+            strategy="ddp_spawn",
+            max_steps=STEPS,
+            logger=TensorBoardLogger(str(out), name="", version="run"),
+            callbacks=[ParameterMonitor(log_every_n_steps=2, log_activations=True, track_shared=False)],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(SharedClassifier())
+
+    logged = read_scalars(retry_if_killed(attempt, tmp_path) / "run")
+    # the oracle: one process on both ranks' rows (DDP averages the gradients: the mean loss of all rows)
+    model = SharedClassifier()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    data = dataset(WORLD * BATCH * STEPS)
+    sites = {"net.0": model.net[0], "net.1": model.net[1], "net.5": model.net[5]}
+    for step in range(STEPS):
+        x, y = data[step * WORLD * BATCH : (step + 1) * WORLD * BATCH]
+        outputs: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+        handles = [
+            m.register_forward_hook(lambda mod, a, out, keep=outputs[s]: keep.append(out.detach().double()))
+            for s, m in sites.items()
+        ]
+        opt.zero_grad()
+        F.cross_entropy(model.net(x), y).backward()
+        opt.step()
+        for h in handles:
+            h.remove()
+        if step in (1, 3):
+            for site, outs in outputs.items():
+                mean, std, zeros = _oracle(outs)
+                assert logged[f"activation_mean/{site}"][step] == pytest.approx(mean, rel=1e-5, abs=1e-7)
+                assert logged[f"activation_std/{site}"][step] == pytest.approx(std, rel=1e-5)
+                assert logged[f"activation_zero_frac/{site}"][step] == zeros
+    assert sorted(logged["activation_mean/net.2"]) == [1, 3] and "activation_mean/net.4" in logged
