@@ -424,24 +424,27 @@ def plot(all_curves: Sequence[Curves], path: Path) -> Path:
     ax = axes[0]
     ax.axhspan(5, 10, color="0.9", label="published: typically 5-10x (1B model)")
     for c in all_curves:
-        ax.plot(c.steps, c.ratio, color=colors[c.variant], ls="-" if c.variant == "tied" else "--", lw=1,
-                label=f"{c.variant} seed {c.seed}")
+        ax.plot([s + 1 for s in c.steps], c.ratio, color=colors[c.variant], ls="-" if c.variant == "tied" else "--",
+                lw=1, label=f"{c.variant} seed {c.seed}")
     ax.axhline(1, color="k", lw=0.6)
+    ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_title("output / input gradient norm of the embedding matrix")
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel("optimizer step + 1 (log scale: the early steps)")
     ax.set_ylabel("‖g_out‖ / ‖g_in‖")
     ax.legend(fontsize=7)
     ax = axes[1]
     for c in all_curves:
+        x = [s + 1 for s in c.steps]
         if c.share_out:
-            ax.plot(c.steps, c.share_out, color=colors["tied"], lw=1, label=f"share (tied) seed {c.seed}")
-        ax.plot(c.steps, c.squared_fraction, color=colors[c.variant], lw=0.8, ls=":",
+            ax.plot(x, c.share_out, color=colors["tied"], lw=1, label=f"output share (tied) seed {c.seed}")
+        ax.plot(x, c.squared_fraction, color=colors[c.variant], lw=0.8, ls=":",
                 label=f"‖g_out‖²/(‖g_in‖²+‖g_out‖²) {c.variant} {c.seed}")
-    ax.axhline(0.95, color="0.5", lw=0.6, ls="--")
+    ax.axhline(0.95, color="0.5", lw=0.6, ls="--", label="published: 95% of the squared norm")
+    ax.set_xscale("log")
     ax.set_ylim(0, 1.05)
     ax.set_title("the output side's part (shared_grad_share; squared norms)")
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel("optimizer step + 1 (log scale)")
     ax.legend(fontsize=6)
     ax = axes[2]
     for c in all_curves:
@@ -472,12 +475,30 @@ def run(cfg: Config) -> tuple[list[Curves], str, Path]:
             all_curves.append(curves)
             print(f"{variant} seed {seed}: {result.seconds:.1f} s, val loss {result.val_loss:.3f}, "
                   f"ratio first {curves.ratio[0]:.2f} last {curves.ratio[-1]:.2f}")
+    print(f"all runs: {time.perf_counter() - start:.0f} s")
+    return _write_results(cfg, all_curves)
+
+
+def report_only(cfg: Config) -> tuple[list[Curves], str, Path]:
+    """The table and the picture again from the runs already in ``out_dir`` (no training)."""
+    out = Path(cfg.out_dir)
+    all_curves = []
+    for seed in cfg.seeds:
+        for variant in cfg.variants:
+            log_dir = out / variant / f"seed{seed}"
+            val = read_scalars(log_dir).get("val_loss", {})
+            all_curves.append(read_curves(RunResult(variant, seed, log_dir, val.get(cfg.steps, math.nan), 0.0)))
+    return _write_results(cfg, all_curves)
+
+
+def _write_results(cfg: Config, all_curves: list[Curves]) -> tuple[list[Curves], str, Path]:
+    out = Path(cfg.out_dir)
     table = markdown_table(summary_rows(all_curves, cfg.early_steps), cfg.early_steps, cfg.steps)
     (out / "tied_lm_table.md").write_text(table)
     (out / "tied_lm_config.yaml").write_text(yaml.safe_dump(asdict(cfg)))
     figure = plot(all_curves, out / "tied_lm.png")
     print(table)
-    print(f"figure: {figure}\ntable: {out / 'tied_lm_table.md'}\ntotal {time.perf_counter() - start:.0f} s")
+    print(f"figure: {figure}\ntable: {out / 'tied_lm_table.md'}")
     return all_curves, table, figure
 
 
@@ -489,9 +510,12 @@ def main(argv: Sequence[str] | None = None) -> tuple[list[Curves], str, Path]:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--out-dir", dest="out_dir")
     parser.add_argument("--corpus-dir", dest="corpus_dir")
+    parser.add_argument("--report-only", action="store_true", help="table and figure from the runs in --out-dir")
     args = vars(parser.parse_args(argv))
     paths = args.pop("config") or [Path(__file__).resolve().parents[1] / "configs" / "tied_lm.yaml"]
-    return run(load_config(paths, args))
+    only = args.pop("report_only")
+    cfg = load_config(paths, args)
+    return report_only(cfg) if only else run(cfg)
 
 
 if __name__ == "__main__":

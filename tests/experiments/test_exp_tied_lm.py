@@ -106,3 +106,9 @@ def test_config_refuses_unknown_keys_and_variants(tmp_path: Path) -> None:
         tied_lm.load_config([bad])
     with pytest.raises(ValueError, match="variants must be among"):
         tied_lm.load_config([QUICK], {"variants": ["both"]})
+
+
+def test_report_only_rebuilds_the_same_table_from_the_event_files(quick_run) -> None:
+    _, table, _, out = quick_run
+    cfg = tied_lm.load_config([QUICK], {"out_dir": str(out)})
+    assert tied_lm.report_only(cfg)[1] == table
