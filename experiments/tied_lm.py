@@ -350,64 +350,81 @@ def read_curves(run: RunResult) -> Curves:
 
 
 # -- the answer: a table and a picture -------------------------------------------------------------
-def _window(curves: Curves, values: list[float], early_steps: int, early: bool) -> list[float]:
-    """Values of the first logged steps up to ``early_steps`` (early) or of the last fifth of the run."""
-    if early:
-        picked = [v for s, v in zip(curves.steps, values, strict=True) if s < early_steps]
-        return picked or values[:1]
-    return values[-max(1, len(values) // 5) :]
+#: step windows of the ratio's medians: the first steps, the transient, its decay, the rest of the run
+WINDOWS: tuple[tuple[int, int | None], ...] = ((0, 10), (10, 30), (30, 100), (100, None))
+
+
+def _between(curves: Curves, values: list[float], start: int, stop: int | None) -> list[float]:
+    return [v for s, v in zip(curves.steps, values, strict=True) if s >= start and (stop is None or s < stop)]
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def summary_rows(all_curves: Sequence[Curves], early_steps: int) -> list[dict[str, Any]]:
-    """One row per run: the ratio at the first logged step, its median early and late, the output's shares."""
+    """One row per run: the ratio's medians per window, its peak and when it falls back below 2, the shares."""
     rows = []
     for c in all_curves:
-        ratio, frac = c.ratio, c.squared_fraction
-        rows.append(
-            {
-                "variant": c.variant,
-                "seed": c.seed,
-                "ratio_first": ratio[0],
-                "ratio_early": statistics.median(_window(c, ratio, early_steps, True)),
-                "ratio_late": statistics.median(_window(c, ratio, early_steps, False)),
-                "ratio_max": max(ratio),
-                "sq_frac_early": statistics.median(_window(c, frac, early_steps, True)),
-                "share_early": statistics.median(_window(c, c.share_out, early_steps, True)) if c.share_out else None,
-                "share_late": statistics.median(_window(c, c.share_out, early_steps, False)) if c.share_out else None,
-                "train_loss": c.loss[-1] if c.loss else math.nan,
-                "val_loss": c.val_loss,
-            }
+        ratio = c.ratio
+        peak = max(range(len(ratio)), key=ratio.__getitem__)
+        back = next((c.steps[i] for i in range(peak, len(ratio)) if ratio[i] < 2), None)
+        late = max(1, len(ratio) // 5)  # the last fifth of the logged steps
+        row: dict[str, Any] = {"variant": c.variant, "seed": c.seed, "ratio_first": ratio[0]}
+        for start, stop in WINDOWS:
+            row[f"ratio_{start}"] = _median(_between(c, ratio, start, stop))
+        row.update(
+            peak=ratio[peak],
+            peak_step=float(c.steps[peak]),
+            below_2=None if back is None else float(back),
+            sq_frac_early=_median(_between(c, c.squared_fraction, 0, early_steps)),
+            share_early=_median(_between(c, c.share_out, 0, early_steps)) if c.share_out else None,
+            share_late=_median(c.share_out[-late:]) if c.share_out else None,
+            train_loss=c.loss[-1] if c.loss else math.nan,
+            val_loss=c.val_loss,
         )
+        rows.append(row)
     return rows
 
 
+def _columns(early_steps: int) -> list[tuple[str, str, int]]:
+    """(row key, header, decimals) of the table's value columns."""
+    windows = [
+        (f"ratio_{a}", f"median, steps {a}–{b - 1}" if b is not None else f"median, steps {a}–end", 2)
+        for a, b in WINDOWS
+    ]
+    return [
+        ("ratio_first", "‖g_out‖/‖g_in‖ at step 0", 2),
+        *windows,
+        ("peak", "peak", 1),
+        ("peak_step", "at step", 0),
+        ("below_2", "back below 2 at step", 0),
+        ("sq_frac_early", f"‖g_out‖²/(‖g_in‖²+‖g_out‖²), median steps < {early_steps}", 3),
+        ("share_early", f"output share, median steps < {early_steps}", 3),
+        ("share_late", "output share, median last 20%", 3),
+        ("train_loss", "final train loss", 3),
+        ("val_loss", "val loss", 3),
+    ]
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], early_steps: int, steps: int) -> str:
-    """The rows, then per variant the mean over seeds (min-max)."""
-
-    def fmt(v: Any, digits: int = 2) -> str:
-        return "–" if v is None else f"{v:.{digits}f}"
-
-    head = (
-        f"| variant | seed | ‖g_out‖/‖g_in‖ first step | median, steps < {early_steps} | median, last 20% of {steps} "
-        f"| max | ‖g_out‖² fraction, early | output share, early | output share, late | train loss | val loss |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
-    )
+    """The rows (ratio ‖g_out‖/‖g_in‖ unless said otherwise), then per variant the mean over seeds (min–max)."""
+    columns = _columns(early_steps)
+    head = "| variant | seed | " + " | ".join(h for _, h, _ in columns) + " |\n"
+    head += "|---" * (len(columns) + 2) + "|\n"
     lines = []
-    keys = ("ratio_first", "ratio_early", "ratio_late", "ratio_max", "sq_frac_early", "share_early", "share_late")
     for r in rows:
-        cells = [fmt(r[k], 3 if k.startswith(("sq", "share")) else 2) for k in keys]
-        losses = f" | {r['train_loss']:.3f} | {r['val_loss']:.3f} |"
-        lines.append(f"| {r['variant']} | {r['seed']} | " + " | ".join(cells) + losses)
+        cells = ["–" if r[k] is None else f"{r[k]:.{d}f}" for k, _, d in columns]
+        lines.append(f"| {r['variant']} | {r['seed']} | " + " | ".join(cells) + " |")
     for variant in dict.fromkeys(r["variant"] for r in rows):
         mine = [r for r in rows if r["variant"] == variant]
         cells = []
-        for k in (*keys, "train_loss", "val_loss"):
+        for k, _, d in columns:
             vals = [r[k] for r in mine if r[k] is not None]
-            digits = 3 if k.startswith(("sq", "share", "train", "val")) else 2
             if not vals:
                 cells.append("–")
                 continue
-            cells.append(f"{statistics.fmean(vals):.{digits}f} ({min(vals):.{digits}f}–{max(vals):.{digits}f})")
+            cells.append(f"{statistics.fmean(vals):.{d}f} ({min(vals):.{d}f}–{max(vals):.{d}f})")
         lines.append(f"| **{variant}, mean (min–max)** | {len(mine)} seeds | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
@@ -421,11 +438,17 @@ def plot(all_curves: Sequence[Curves], path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     colors = {"tied": "tab:blue", "untied": "tab:orange"}
+    seeds = sorted({c.seed for c in all_curves})
+    n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+
+    def once(c: Curves, label: str) -> str | None:  # one legend entry per kind of line
+        return label if c.seed == seeds[0] else None
+
     ax = axes[0]
     ax.axhspan(5, 10, color="0.9", label="published: typically 5-10x (1B model)")
     for c in all_curves:
         ax.plot([s + 1 for s in c.steps], c.ratio, color=colors[c.variant], ls="-" if c.variant == "tied" else "--",
-                lw=1, label=f"{c.variant} seed {c.seed}")
+                lw=1, label=once(c, f"{c.variant} ({n}): ‖g_out‖/‖g_in‖"))
     ax.axhline(1, color="k", lw=0.6)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -437,19 +460,20 @@ def plot(all_curves: Sequence[Curves], path: Path) -> Path:
     for c in all_curves:
         x = [s + 1 for s in c.steps]
         if c.share_out:
-            ax.plot(x, c.share_out, color=colors["tied"], lw=1, label=f"output share (tied) seed {c.seed}")
+            ax.plot(x, c.share_out, color=colors["tied"], lw=1, label=once(c, f"tied ({n}): output share"))
         ax.plot(x, c.squared_fraction, color=colors[c.variant], lw=0.8, ls=":",
-                label=f"‖g_out‖²/(‖g_in‖²+‖g_out‖²) {c.variant} {c.seed}")
+                label=once(c, f"{c.variant}: ‖g_out‖²/(‖g_in‖²+‖g_out‖²)"))
     ax.axhline(0.95, color="0.5", lw=0.6, ls="--", label="published: 95% of the squared norm")
     ax.set_xscale("log")
-    ax.set_ylim(0, 1.05)
+    lowest = min([0.0, *(v for c in all_curves for v in c.share_out)])
+    ax.set_ylim(max(lowest, -1.0) - 0.05, 1.05)  # a share below 0: the use pulled against the other
     ax.set_title("the output side's part (shared_grad_share; squared norms)")
     ax.set_xlabel("optimizer step + 1 (log scale)")
     ax.legend(fontsize=6)
     ax = axes[2]
     for c in all_curves:
         ax.plot(c.loss_steps, c.loss, color=colors[c.variant], ls="-" if c.variant == "tied" else "--", lw=1,
-                label=f"{c.variant} seed {c.seed} (val {c.val_loss:.2f})")
+                label=once(c, f"{c.variant} ({n})"))
     ax.set_title("training loss")
     ax.set_xlabel("optimizer step")
     ax.legend(fontsize=7)
