@@ -11,8 +11,9 @@ SUM all-reduce of :meth:`pack`'s vector). :func:`finalize` then gives
 
 - ``activation_mean/{site}``  = Σx / n
 - ``activation_std/{site}``   = sqrt(Σx²/n − (Σx/n)²), the population standard deviation (ddof 0), from
-  float64 sums of the values (fp16/bf16/fp32 outputs are summed in float64). Cancellation loses
-  about ``log10((mean/std)²)`` of float64's 16 digits: exact to ~1e-10 relative while |mean| < 1e3 std.
+  float64 sums built from each call's CENTRED values (:func:`partial_sums`): float32 accumulation
+  of x − mean gives about 1e-6 relative; float64 cancellation between calls adds about
+  ``1e-16 (mean/std)²``, so the value is good while |mean| < 1e4 std.
 - ``activation_zero_frac/{site}`` = (number of elements == 0) / n: a ReLU unit that no input activates
   shows here first.
 
@@ -77,17 +78,31 @@ def first_float_tensor(output: Any) -> Tensor | None:
 
 
 def partial_sums(x: Tensor) -> Tensor:
-    """``[Σx, Σx², #zeros]`` of ``x`` in float64, on its device (no host sync).
+    """``[Σx, Σx², #zeros]`` of ``x`` in float64, on its device (no host sync), from CENTRED values.
 
-    >>> [round(v, 12) for v in partial_sums(torch.tensor([0.0, 1.0, -2.0])).tolist()]
+    ``m`` = the mean in x's precision, ``c = x − m`` (fp16/bf16 widened to fp32 first), then
+    ``D = Σc`` and ``Q = Σc²`` (fast float32 reductions, or float64 for float64 x), combined in
+    float64 as ``Σx = n·m + D`` and ``Σx² = Q + 2·m·D + n·m²``. The variance taken from them later,
+    ``Σx²/n − (Σx/n)²``, is then ``Q/n − (D/n)²`` up to float64 rounding of the ``n·m²`` terms,
+    instead of a difference of two large float32 sums. On CPU a float64 reduction is 30-40x slower
+    than a float32 one, and ``(x == 0).sum()`` 20x slower than ``count_nonzero``
+    (8.4M logits: 14 ms here instead of 210 ms).
+
+    >>> [round(v, 6) for v in partial_sums(torch.tensor([0.0, 1.0, -2.0])).tolist()]
     [-1.0, 5.0, 1.0]
     """
     x = x.detach()
-    # fused reductions that accumulate in float64 without a float64 copy of x (Σx² = ‖x‖², within 1 ulp)
-    total = torch.sum(x, dtype=torch.float64)
-    square = torch.linalg.vector_norm(x, 2, dtype=torch.float64).square()
-    zeros = (x == 0).sum().to(torch.float64)
-    return torch.stack([total, square, zeros])
+    n = x.numel()
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()  # centred values in bf16 would be rounded to 3 digits
+    m = x.mean()
+    c = x - m  # our own temporary: squared in place below
+    d = c.sum().double()
+    # (a cascade sum: 1e-8 relative at 8M elements, where the vectorised float32 norm is off by 4.5e-4)
+    q = c.square_().sum().double()
+    m = m.double()
+    zeros = n - torch.count_nonzero(x).double()
+    return torch.stack([n * m + d, q + 2 * m * d + n * m * m, zeros])
 
 
 class ActivationStats:
@@ -175,7 +190,7 @@ class ActivationStats:
         if mid not in self._leaves:
             return
         x = first_float_tensor(output)
-        if x is None:
+        if x is None or x.numel() == 0:
             return
         parent = next((m for m in reversed(self._open) if m is not None), 0)
         key = (mid, k, parent)
