@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from param_monitor import ParameterMonitor
+from tests.helpers.trainers import make_trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_SHARED, TINY_SITES = "model.2.weight", ("model.2", "model.4")
@@ -71,16 +71,7 @@ class ImageClassifier(pl.LightningModule):
 
 def fit(module: pl.LightningModule, data: torch.utils.data.Dataset, save_dir: Path, name: str, steps: int) -> Path:
     logger = TensorBoardLogger(str(save_dir), name=name)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        log_every_n_steps=1,
-        logger=logger,
-        callbacks=[ParameterMonitor()],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = make_trainer(save_dir, max_steps=steps, logger=logger)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the NaN run's warning, the few-workers hint
         trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
