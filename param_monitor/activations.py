@@ -269,8 +269,8 @@ def finalize(values: Sequence[float], sites: Sequence[str], nonfinite: list[str]
 class ActivationCollector:
     """``log_activations``: a step hook and a collector of the monitor's core (``core.StepHook``/``core.Collector``).
 
-    Hooks go on at the first batch of a logging step and come off before its optimizer step; the
-    sums ride in the step's one transfer. Under DDP (replicated parameters, ``sharded()`` False)
+    Hooks go on at the first batch of a logging step (:meth:`start`) and come off before its
+    optimizer step; the sums ride in the step's one transfer. Under DDP (replicated parameters, ``sharded()`` False)
     the core does not reduce collectors' values, so :meth:`pack` SUM-all-reduces them itself (one
     collective, logging steps only); with sharded parameters the core's own reduction sums them.
     """
@@ -288,13 +288,14 @@ class ActivationCollector:
         self._packed = False  # this step's sums went out already (a second optimizer gets none)
         self._warned = False
 
+    def start(self, module: nn.Module) -> None:
+        """The first batch of a logging step: hooks on, sums from zero."""
+        self._packed = False
+        self.stats.start()
+
     def batch_start(self, logging: bool) -> None:
-        if not logging:
-            return
-        if not self.stats.active:  # the step's first micro-batch (later ones add to its sums)
-            self._packed = False
-            self.stats.start()
-        self.stats.begin_forward()
+        if logging and self.stats.active:  # each micro-batch of the logging step: call indices restart
+            self.stats.begin_forward()
 
     def before_backward(self, loss: Any) -> None: ...
     def after_backward(self) -> None: ...

@@ -28,6 +28,11 @@ class MonitorConfig:
     aggregate_depth: int | None = None
     log_update_ratio: bool = False
     log_dead_units: bool = False
+    log_activations: bool = False
+    activation_include: list[str] | None = None
+    activation_exclude: list[str] | None = None
+    log_optimizer_state: bool = False
+    detect_spikes: bool = False
 
     def __post_init__(self) -> None:
         _check_int("log_every_n_steps", self.log_every_n_steps, 1, "a positive int or None (the Trainer's)")
@@ -37,6 +42,10 @@ class MonitorConfig:
             _check_bool(arg, getattr(self, arg))
         _check_bool("log_update_ratio", self.log_update_ratio)
         _check_bool("log_dead_units", self.log_dead_units)
+        for arg in ("log_activations", "log_optimizer_state", "detect_spikes"):
+            _check_bool(arg, getattr(self, arg))
+        self.activation_include = _patterns("activation_include", self.activation_include)
+        self.activation_exclude = _patterns("activation_exclude", self.activation_exclude)
         self.include = _patterns("include", self.include)
         self.exclude = _patterns("exclude", self.exclude)
 

@@ -213,6 +213,8 @@ class SpikeHook:
         self.detectors["grad_norm_total"].update(total.sqrt(), step)
 
     # -- the logging step's transfer -----------------------------------------------------------------
+    def start(self, module: object) -> None: ...
+
     def pack(self, optimizer: object) -> Tensor:
         from param_monitor import distributed
 
