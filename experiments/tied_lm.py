@@ -1,6 +1,7 @@
 """Does the output side dominate a tied embedding's gradient early in training? A small GPT, measured.
 
     python -m experiments.tied_lm                                   # configs/tied_lm.yaml's defaults: 3 seeds
+    python experiments/tied_lm.py                                   # the same, run as a file
     python -m experiments.tied_lm --config configs/tied_lm_quick.yaml   # seconds (the tests' run)
     python -m experiments.tied_lm --seeds 0 1 2 3 4 --steps 1000 --out-dir lightning_logs/tied_lm_long
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -40,8 +42,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from experiments.corpus import BytePairEncoding, read_corpus
-from param_monitor import ParameterMonitor
+if __package__ in (None, ""):  # run as a file (`python experiments/tied_lm.py`): the root first, as `-m` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.corpus import BytePairEncoding, read_corpus  # noqa: E402
+from param_monitor import ParameterMonitor  # noqa: E402
 
 VARIANTS = ("tied", "untied")
 EMBEDDING = "model.wte.weight"

@@ -112,3 +112,32 @@ def test_report_only_rebuilds_the_same_table_from_the_event_files(quick_run) -> 
     _, table, _, out = quick_run
     cfg = tied_lm.load_config([QUICK], {"out_dir": str(out)})
     assert tied_lm.report_only(cfg)[1] == table
+
+
+def test_runs_as_a_file_from_the_repository_root_without_pythonpath(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    corpus = _write_corpus(tmp_path / "corpus")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    args = ["--config", str(QUICK), "--corpus-dir", str(corpus), "--out-dir", str(tmp_path / "out"), "--steps", "4"]
+    done = subprocess.run(
+        [sys.executable, "experiments/tied_lm.py", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "out" / "tied_lm.png").exists() and "| tied | 0 |" in done.stdout
+
+
+def test_quick_run_logs_the_opt_in_statistics_of_a_transformer(quick_run) -> None:
+    _, _, _, out = quick_run
+    scalars = tied_lm.read_scalars(out / "tied" / "seed0")
+    # leaf modules of the GPT, each called once per forward pass: their paths are the sites
+    for site in ("model.wte", "model.blocks.0.act", "model.ln_f", "model.head"):
+        assert sorted(scalars[f"activation_std/{site}"]) == list(range(40))
+    assert max(scalars["activation_zero_frac/model.blocks.0.act"].values()) < 0.01  # GELU: almost no exact zeros
+    assert scalars["activation_std/model.ln_f"][0] == pytest.approx(1.0, rel=0.01)  # LayerNorm at init: unit std
+    assert {"optimizer_state_norm/model.wte.weight/exp_avg", "optimizer_state_norm/model.wte.weight/exp_avg_sq"} <= set(
+        scalars
+    )
+    assert "optimizer_state_norm/model.head.weight/exp_avg" not in scalars  # tied: the head owns no parameter
