@@ -275,3 +275,33 @@ def test_ddp_activation_statistics_are_those_of_the_global_batch(tmp_path: Path)
                 assert logged[f"activation_std/{site}"][step] == pytest.approx(std, rel=1e-5)
                 assert logged[f"activation_zero_frac/{site}"][step] == zeros
     assert sorted(logged["activation_mean/net.2"]) == [1, 3] and "activation_mean/net.4" in logged
+
+
+def test_plain_loop_logs_activations_of_the_step(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from param_monitor import PlainMonitor
+    from tests.helpers.events import read_scalars
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    outputs: dict[int, list[torch.Tensor]] = {}
+    step_now = [0]
+    model[1].register_forward_hook(lambda m, a, out: outputs.setdefault(step_now[0], []).append(out.double()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    writer = SummaryWriter(str(tmp_path))
+    with PlainMonitor(model, writer, log_every_n_steps=2, log_activations=True) as monitor:
+        for step in range(4):
+            step_now[0] = step
+            optimizer.zero_grad()
+            with monitor.step(step) as s:
+                s.backward(nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)))
+                s.log(optimizer)
+            optimizer.step()
+    writer.close()
+    logged = read_scalars(tmp_path)
+    assert sorted(logged["activation_zero_frac/1"]) == [1, 3]
+    for step in (1, 3):
+        mean, std, zeros = _oracle(outputs[step])
+        assert logged["activation_mean/1"][step] == pytest.approx(mean, rel=1e-5)
+        assert logged["activation_zero_frac/1"][step] == pytest.approx(zeros)

@@ -125,3 +125,29 @@ def _oracle_from(sd: dict, names: dict[int, str]) -> dict[str, float]:
 def test_trainer_without_the_option_logs_no_state(tmp_path: Path) -> None:
     _, scalars = fit(Tied(), tmp_path, ParameterMonitor(), max_steps=2)
     assert scalars and not any(t.startswith("optimizer_state_norm/") for t in scalars)
+
+
+def test_plain_loop_logs_the_state_after_its_step(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from param_monitor import PlainMonitor
+    from tests.helpers.events import read_scalars
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    after: dict[int, float] = {}
+    writer = SummaryWriter(str(tmp_path))
+    with PlainMonitor(model, writer, log_every_n_steps=2, log_optimizer_state=True) as monitor:
+        for step in range(4):
+            x, y = torch.randn(8, 4), torch.randn(8, 1)
+            optimizer.zero_grad()
+            with monitor.step(step) as s:
+                s.backward(nn.functional.mse_loss(model(x), y))
+                s.log(optimizer)
+            optimizer.step()
+            after[step] = optimizer.state[model[0].weight]["momentum_buffer"].double().norm().item()
+    writer.close()
+    logged = read_scalars(tmp_path)["optimizer_state_norm/0.weight/momentum_buffer"]
+    assert sorted(logged) == [1, 3]
+    assert all(logged[s] == pytest.approx(after[s], rel=1e-6) for s in logged)
