@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -280,9 +280,16 @@ class ActivationCollector:
         module: nn.Module,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
-        sharded: Any = lambda: False,
+        sharded: Callable[[], bool] = lambda: False,
     ) -> None:
+        from param_monitor import distributed
+
         self.stats = ActivationStats(module, include, exclude)
+        if not self.stats.monitored:
+            distributed.warn_rank_zero(
+                "`ParameterMonitor`: `log_activations=True` but no leaf module is selected (`activation_include` "
+                f"{include!r}, `activation_exclude` {exclude!r} over module paths): no activation is logged."
+            )
         self._sharded = sharded
         self._sites: list[str] = []
         self._packed = False  # this step's sums went out already (a second optimizer gets none)

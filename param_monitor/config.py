@@ -46,6 +46,10 @@ class MonitorConfig:
             _check_bool(arg, getattr(self, arg))
         self.activation_include = _patterns("activation_include", self.activation_include)
         self.activation_exclude = _patterns("activation_exclude", self.activation_exclude)
+        if not self.log_activations and (self.activation_include or self.activation_exclude):
+            raise ValueError(
+                "`activation_include`/`activation_exclude` select the modules of `log_activations=True`, which is off."
+            )
         self.include = _patterns("include", self.include)
         self.exclude = _patterns("exclude", self.exclude)
 

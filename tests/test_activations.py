@@ -305,3 +305,13 @@ def test_plain_loop_logs_activations_of_the_step(tmp_path: Path) -> None:
         mean, std, zeros = _oracle(outputs[step])
         assert logged["activation_mean/1"][step] == pytest.approx(mean, rel=1e-5)
         assert logged["activation_zero_frac/1"][step] == pytest.approx(zeros)
+
+
+def test_module_patterns_without_the_option_are_refused_and_matching_nothing_is_warned(tmp_path: Path) -> None:
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match="log_activations=True`, which is off"):
+        ParameterMonitor(activation_include=["net.*"])
+    with pytest.warns(UserWarning, match="no leaf module is selected"):
+        _, scalars = fit(ReluTwice(), tmp_path, ParameterMonitor(log_activations=True, activation_include=["x.*"]))
+    assert scalars and not any(t.startswith("activation_") for t in scalars)
