@@ -99,6 +99,13 @@ def test_twin_starts_from_the_same_weights_with_one_more_matrix() -> None:
     assert torch.equal(tied(idx), twin(idx))
 
 
+def test_both_configs_load_and_the_quick_one_overlays_the_default() -> None:
+    default = tied_lm.load_config([REPO / "configs" / "tied_lm.yaml"])
+    assert (default.steps, default.vocab_size, default.seeds, default.log_every) == (500, 4096, [0, 1, 2], 1)
+    stacked = tied_lm.load_config([REPO / "configs" / "tied_lm.yaml", QUICK])
+    assert stacked == tied_lm.load_config([QUICK])  # the overlay states everything that differs
+
+
 def test_config_refuses_unknown_keys_and_variants(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("stepz: 3\n")
