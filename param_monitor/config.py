@@ -33,6 +33,8 @@ class MonitorConfig:
     activation_exclude: list[str] | None = None
     log_optimizer_state: bool = False
     detect_spikes: bool = False
+    # under `torch.compile`, run the tracked batches eagerly so that shared parameters' uses can be told apart
+    eager_logging_steps: bool = True
 
     def __post_init__(self) -> None:
         _check_int("log_every_n_steps", self.log_every_n_steps, 1, "a positive int or None (the Trainer's)")
@@ -50,6 +52,7 @@ class MonitorConfig:
             raise ValueError(
                 "`activation_include`/`activation_exclude` select the modules of `log_activations=True`, which is off."
             )
+        _check_bool("eager_logging_steps", self.eager_logging_steps)
         self.include = _patterns("include", self.include)
         self.exclude = _patterns("exclude", self.exclude)
 
