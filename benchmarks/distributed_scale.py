@@ -10,9 +10,13 @@ Prints, for a model of ``--layers`` Linear layers (2 tensors each) in blocks of 
 2. one process: the per-use capture's graph walk per backward, and the global module hooks' cost
    on a forward, for the same model plus one shared layer;
 3. two processes (gloo, CPU): the collectives the monitor issues on a logging step, counted by
-   wrapping ``torch.distributed``'s functions (target: exactly 1) for the same model sharded by
-   FSDP2 (the partial sums are summed) and replicated DDP-style with a shared layer (the per-use
-   contributions are averaged), and the sharded step's cost ratio against the local floor.
+   wrapping ``torch.distributed``'s functions, for the same model sharded by FSDP2 without
+   tracking (target: exactly 1, the all-reduce of the partial sums) and replicated DDP-style with
+   a shared layer (target: exactly 2, the ranks' agreement on the uses, an all-gather, then the
+   all-reduce that averages them), and the sharded step's cost ratio against the local floor.
+   With tracking under FSDP2 the statistics make 2 too (the agreement, then the all-reduce that
+   carries the per-use sums); each tracked backward adds one all-gather (the agreement) and one
+   reduce-scatter per use (more for uneven rows or bf16 uses past 64 MiB: column slices).
 """
 
 from __future__ import annotations
@@ -35,7 +39,15 @@ from param_monitor.distributed import local_tensor, reduction_group
 from param_monitor.stats import finalize, to_host
 from param_monitor.watcher import ParameterWatcher
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor", "reduce")
+COLLECTIVES = (  # reduce_scatter_single: torch 2.14's name for reduce_scatter_tensor
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce_scatter_tensor",
+    "reduce_scatter_single",
+    "reduce",
+)
 
 
 def build(layers: int, width: int, shared: bool = False, per_block: int = 10) -> nn.Sequential:
@@ -125,7 +137,7 @@ def median_ratio(cost: Callable[[], Any], base: Callable[[], Any], repeats: int)
 @contextmanager
 def count_collectives() -> Iterator[list[str]]:
     calls: list[str] = []
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
     for name, fn in originals.items():
         setattr(dist, name, lambda *a, _n=name, _f=fn, **k: (calls.append(_n), _f(*a, **k))[1])
     try:
@@ -178,11 +190,11 @@ def _worker(rank: int, port: int, args: argparse.Namespace) -> None:
             metrics = monitor_step(tracked)
         tracked.end_step()
         if rank == 0:
-            print(f"2 processes (gloo), FSDP2 sharded: collectives on a logging step: {len(fsdp_calls)} {fsdp_calls}")
+            print(f"2 processes (gloo), FSDP2 untracked: collectives (target 1): {len(fsdp_calls)} {fsdp_calls}")
             print(f"  sharded monitor {cost:.2f} ms vs local floor {base:.2f} ms -> median ratio {ratio:.2f}x")
             shared_tags = sum(k.startswith("shared_grad/") for k in metrics)
             print(
-                f"2 processes (gloo), DDP-style + 1 shared layer: collectives: {len(ddp_calls)} {ddp_calls}"
+                f"2 processes (gloo), DDP-style + 1 shared layer: collectives (target 2): {len(ddp_calls)} {ddp_calls}"
                 f" ({shared_tags} shared_grad tags)"
             )
     finally:

@@ -54,7 +54,7 @@ class ExperimentCLI(LightningCLI):
                 # false` works without naming the class first.
                 "model.model": {"class_path": "experiments.models.SharedMLP"},
                 # A class_path string (not an instance) keeps param_monitor's import lazy, until parsing.
-                # both diagnostics on: they are what explains a failed run (README, docs/failed_run_*.png)
+                # both diagnostics on: they are what explains a failed run (docs/experiment.md, docs/failed_run.png)
                 "trainer.callbacks": [
                     {
                         "class_path": "param_monitor.ParameterMonitor",

@@ -25,8 +25,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from param_monitor import tags
-from param_monitor.report import Series, plt, read_scalars
+if __package__ in (None, ""):
+    # Run as a file (`python experiments/failed_run.py`), Python puts `experiments/` first on sys.path,
+    # not the repository root, and `import experiments` fails: put the root there instead, exactly
+    # as `python -m experiments.failed_run` does (also for the processes DDP starts from sys.argv).
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from param_monitor import tags  # noqa: E402
+from param_monitor.report import Series, plt, read_scalars  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OUT = REPO_ROOT / "docs" / "failed_run.png"

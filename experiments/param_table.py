@@ -8,12 +8,21 @@ textbook's (``torch.rand(2, 20)``) materializes them first.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from experiments.models import IMAGE_SHAPE, NestMLP, SharedMLP, materialize
-from param_monitor.sharing import SharedUseTracker
-from param_monitor.table import format_markdown, parameter_table
+if __package__ in (None, ""):
+    # Run as a file (`python experiments/param_table.py`), Python puts `experiments/` first on sys.path,
+    # not the repository root, and `import experiments` fails: put the root there instead, exactly
+    # as `python -m experiments.param_table` does (also for the processes DDP starts from sys.argv).
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from experiments.models import IMAGE_SHAPE, NestMLP, SharedMLP, materialize  # noqa: E402
+from param_monitor.sharing import SharedUseTracker  # noqa: E402
+from param_monitor.table import format_markdown, parameter_table  # noqa: E402
 
 #: The textbook's input for NestMLP: a batch of 20 features.
 NEST_INPUT_SHAPE = (20,)

@@ -26,10 +26,17 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from experiments.cli import LOG_SAVE_DIR, QUIET_TRAINER_ARGS, RunResult, build_cli, train
+if __package__ in (None, ""):
+    # Run as a file (`python experiments/seeds.py`), Python puts `experiments/` first on sys.path,
+    # not the repository root, and `import experiments` fails: put the root there instead, exactly
+    # as `python -m experiments.seeds` does (also for the processes DDP starts from sys.argv).
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from experiments.cli import LOG_SAVE_DIR, QUIET_TRAINER_ARGS, RunResult, build_cli, train  # noqa: E402
 
 #: A run whose final val_acc is below this failed to learn (a healthy run ends near 0.80; failed ones near 0.36).
 FAIL_BELOW = 0.5

@@ -16,9 +16,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from experiments.cli import SUBCOMMANDS, RunResult, build_cli, train
-from experiments.models import SharedMLP, count_parameters, materialize
-from param_monitor.report import plot_summary
+if __package__ in (None, ""):
+    # Run as a file (`python experiments/shared_mlp.py`), Python puts `experiments/` first on sys.path,
+    # not the repository root, and `import experiments` fails: put the root there instead, exactly
+    # as `python -m experiments.shared_mlp` does (also for the processes DDP starts from sys.argv).
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from experiments.cli import SUBCOMMANDS, RunResult, build_cli, train  # noqa: E402
+from experiments.models import SharedMLP, count_parameters, materialize  # noqa: E402
+from param_monitor.report import plot_summary  # noqa: E402
 
 
 def tied_untied_counts(model: SharedMLP) -> tuple[int, int]:

@@ -80,8 +80,10 @@ class ParameterMonitor(Callback):
     gradient the optimizer steps on; the per-use contributions, captured before DDP's all-reduce,
     are averaged over the ranks the same way (one all-reduce per logging step, none otherwise).
     With sharded parameters (FSDP2 ``fully_shard``/DTensor) each rank sums over its shards and the
-    partial sums are all-reduced once; shared-use tracking is then off (with a warning). Only rank 0
-    writes.
+    partial sums are all-reduced once; each use of a sharded shared parameter is reduce-scattered
+    into this rank's shard in backward. Before combining, the ranks agree on the uses (one small
+    all-gather per logging step); a parameter whose uses differ between ranks on a step (a
+    data-dependent branch) gets no ``shared_grad*`` there, with one warning. Only rank 0 writes.
 
     TensorBoard only: the parameter table as text (``param_monitor/parameters``), the record of the
     first non-finite gradients (``param_monitor/nonfinite``), a custom-scalars layout, and, when
@@ -111,6 +113,20 @@ class ParameterMonitor(Callback):
         log_update_ratio: log ``update_ratio/{name}``; copies the weights on logging steps only
             (one fused copy, freed after the step).
         log_dead_units: log ``dead_units/{name}`` (a per-batch measure: units silent for this batch).
+        log_activations: log ``activation_mean/{site}``, ``activation_std/{site}`` and
+            ``activation_zero_frac/{site}`` of every leaf module's outputs on logging steps (global
+            forward hooks on logging steps only; sums over all micro-batches, and over the ranks
+            under DDP; see ``param_monitor/activations.py``).
+        activation_include: glob patterns of MODULE paths (``model.net.*``) whose activations are
+            logged (default: every leaf module).
+        activation_exclude: glob patterns of module paths to leave out.
+        log_optimizer_state: log ``optimizer_state_norm/{name}/{state}``: the norm of every tensor
+            the optimizer keeps for the parameter (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``,
+            ...), read after the logging step's optimizer step (one transfer).
+        detect_spikes: watch ``grad_norm_total`` and the training loss on EVERY step, on the device
+            (no host sync); a value above the running median + 6 spreads of the last 100 is a spike,
+            recorded as ``param_monitor/spikes`` text on the next logging step and warned once
+            (see ``param_monitor/spikes.py``).
         eager_logging_steps: under ``torch.compile`` (any way of compiling), run the tracked batches
             (logging steps) eagerly, ``torch.compiler.set_stance("force_eager")`` from the batch's start
             to its optimizer step, so that shared parameters' uses can be told apart; every other step
@@ -132,6 +148,11 @@ class ParameterMonitor(Callback):
         aggregate_depth: int | None = None,
         log_update_ratio: bool = False,
         log_dead_units: bool = False,
+        log_activations: bool = False,
+        activation_include: Collection[str] | None = None,
+        activation_exclude: Collection[str] | None = None,
+        log_optimizer_state: bool = False,
+        detect_spikes: bool = False,
         eager_logging_steps: bool = True,
     ) -> None:
         options = {k: v for k, v in locals().items() if k in _OPTIONS}

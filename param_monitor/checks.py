@@ -9,13 +9,16 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
 from param_monitor import distributed, tags
 from param_monitor.sharing import unseen_use_tolerance
 from param_monitor.stats import StatsLayout
-from param_monitor.watcher import ParameterWatcher
+
+if TYPE_CHECKING:  # the watcher itself warns through a FitWarnings when used without a core
+    from param_monitor.watcher import ParameterWatcher
 
 
 class FitWarnings:
@@ -130,3 +133,11 @@ class FitWarnings:
             f"`log_every_n_steps` of at most {steps_run} (to `ParameterMonitor` or the Trainer) to see this run's "
             "statistics.",
         )
+
+    def diverged(self, differ: Mapping[str, list[int]], step: int | None) -> None:
+        """The ranks made different uses of shared parameters (``differ``: each rank's use count): one
+        warning for the step, naming the parameters; each parameter and counts once per fit."""
+        new = {name: counts for name, counts in differ.items() if f"diverged:{name}:{counts}" not in self.given}
+        if new:
+            self.given.update(f"diverged:{name}:{counts}" for name, counts in new.items())
+            distributed.warn_rank_zero(distributed.divergence_message(new, step))

@@ -28,6 +28,11 @@ class MonitorConfig:
     aggregate_depth: int | None = None
     log_update_ratio: bool = False
     log_dead_units: bool = False
+    log_activations: bool = False
+    activation_include: list[str] | None = None
+    activation_exclude: list[str] | None = None
+    log_optimizer_state: bool = False
+    detect_spikes: bool = False
     # under `torch.compile`, run the tracked batches eagerly so that shared parameters' uses can be told apart
     eager_logging_steps: bool = True
 
@@ -39,6 +44,14 @@ class MonitorConfig:
             _check_bool(arg, getattr(self, arg))
         _check_bool("log_update_ratio", self.log_update_ratio)
         _check_bool("log_dead_units", self.log_dead_units)
+        for arg in ("log_activations", "log_optimizer_state", "detect_spikes"):
+            _check_bool(arg, getattr(self, arg))
+        self.activation_include = _patterns("activation_include", self.activation_include)
+        self.activation_exclude = _patterns("activation_exclude", self.activation_exclude)
+        if not self.log_activations and (self.activation_include or self.activation_exclude):
+            raise ValueError(
+                "`activation_include`/`activation_exclude` select the modules of `log_activations=True`, which is off."
+            )
         _check_bool("eager_logging_steps", self.eager_logging_steps)
         self.include = _patterns("include", self.include)
         self.exclude = _patterns("exclude", self.exclude)

@@ -146,9 +146,11 @@ class MonitorCore:
         self.config = config
         self.runtime = runtime
         self.hooks: list[StepHook] = [EagerLoggingSteps(self)] if config.eager_logging_steps else []
-        self._hooks_seen: list[StepHook] = []  # `hooks` as `_acting` was built from
+        self._hooks_seen: list[int] = []  # the ids of `hooks` as `_acting` was built from (it holds them)
         self._acting: dict[str, tuple[Callable[..., None], ...]] = {}  # per event: the hooks' methods that act
         self.collectors: list[Collector] = []
+        self._features: list[Any] = []  # this fit's opt-in statistics (activations, optimizer state, spikes)
+        self.current_step = 0  # the step label of the batch under way (the features' writes)
         self.watcher: ParameterWatcher | None = None
         self.every_n = 0
         self._reset()
@@ -170,7 +172,11 @@ class MonitorCore:
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles the callback: hooks and modules are not state
         state = self.__dict__.copy()
-        state.update(watcher=None, update_ratio=None, _post_hooks={}, writer=None, _hooks_seen=[], _acting={})
+        state.update(watcher=None, update_ratio=None, _post_hooks={}, writer=None, _features=[], _hooks_seen=[])
+        state["_acting"] = {}
+        features = set(map(id, self._features))  # they hold the module and closures: attached again by `start`
+        state["hooks"] = [h for h in self.hooks if id(h) not in features]
+        state["collectors"] = [c for c in self.collectors if id(c) not in features]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -200,6 +206,44 @@ class MonitorCore:
             dead_units=config.log_dead_units,
         )
         self.fit.signature = _signature(module)
+        self._attach_features(module)
+
+    def _attach_features(self, module: torch.nn.Module) -> None:
+        """The opt-in statistics on the extension points (a previous fit's taken off first)."""
+        from param_monitor.activations import ActivationCollector
+        from param_monitor.optimizer_state import OptimizerStateHook
+        from param_monitor.spikes import SpikeHook
+
+        self._detach_features()
+        config, features = self.config, []
+        sharded = lambda: self.watcher is not None and self.watcher.sharded  # noqa: E731
+        named = lambda: self.watcher.named_params if self.watcher is not None else []  # noqa: E731
+        if config.log_activations:
+            features.append(ActivationCollector(module, config.activation_include, config.activation_exclude, sharded))
+        if config.log_optimizer_state:
+            features.append(OptimizerStateHook(named, lambda m: self.writer.scalars(m, self.current_step)))
+        if config.detect_spikes:
+            scaler = self.runtime.grad_scaler
+            features.append(
+                SpikeHook(
+                    params=lambda: [p for _, p in named()],
+                    step=lambda: self.current_step,
+                    write_text=lambda markdown, step: self.writer.text(tags.SPIKES_TAG, markdown, step),
+                    grad_scale=lambda optimizer: self._scaling(optimizer)[1],
+                    loss_scale=lambda: inverse_scale(scaler()) if scaler() is not None else None,
+                    sharded=sharded,
+                )
+            )
+        self._features = features
+        self.hooks.extend(features)
+        self.collectors.extend(f for f in features if hasattr(f, "pack"))
+
+    def _detach_features(self) -> None:
+        for feature in self._features:
+            for where in (self.hooks, self.collectors):
+                if feature in where:
+                    where.remove(feature)
+        self._features = []
 
     def sync_parameters(self, module: torch.nn.Module) -> bool:
         """Rebuild the index if the module's parameters changed (pruning, a replaced layer, lazy ones
@@ -222,7 +266,7 @@ class MonitorCore:
         return bool(n) and (step + 1) % n == 0
 
     def _hooks(self, name: str, *args: Any) -> None:
-        methods = self._acting.get(name) if self.hooks == self._hooks_seen else None
+        methods = self._acting.get(name) if list(map(id, self.hooks)) == self._hooks_seen else None
         for method in self._methods(name) if methods is None else methods:  # a snapshot: a hook may take
             method(*args)  # itself off at teardown
 
@@ -231,12 +275,12 @@ class MonitorCore:
 
         Looked up again only when ``hooks`` changes: a step that does not log calls nothing it need not.
         """
-        if self.hooks != self._hooks_seen:
-            self._hooks_seen, self._acting = list(self.hooks), {}
+        if list(map(id, self.hooks)) != self._hooks_seen:
+            self._hooks_seen, self._acting = list(map(id, self.hooks)), {}
         methods = self._acting.get(name)
         if methods is None:
             no_op = getattr(StepHook, name)
-            bound = [getattr(hook, name) for hook in self._hooks_seen]
+            bound = [getattr(hook, name) for hook in self.hooks]
             methods = self._acting[name] = tuple(m for m in bound if getattr(m, "__func__", m) is not no_op)
         return methods
 
@@ -248,6 +292,7 @@ class MonitorCore:
             return False, []
         if self.update_ratio is not None:  # a copy whose step never ran (a plain loop's skipped step)
             self.update_ratio.release()
+        self.current_step = step
         logs = self.logs(step)
         first_batch = logs and not self.machine.logs_now(step)
         problems = self.machine.batch_start(step, logs)
@@ -302,6 +347,7 @@ class MonitorCore:
         if watcher is None:
             return []
         logs = self.machine.logs_now(step)
+        self.current_step = step
         self._hooks("before_optimizer_step", optimizer, logs)
         self._stepping[id(optimizer)] = logs  # for `after_optimizer_step`, which may come after the batch
         problems = self.machine.before_optimizer_step(step)
@@ -323,7 +369,7 @@ class MonitorCore:
         if histograms:
             self._write_histograms(optimizer, names, step)
         if logs:
-            self._log(optimizer, names, step, several)
+            self._log(optimizer, names if several else None, step, several)
         return problems
 
     def _log(self, optimizer: Optimizer, names: set[str] | None, step: int, several: bool) -> None:
@@ -402,6 +448,7 @@ class MonitorCore:
     def teardown(self) -> None:
         """Take every hook off, so that a later fit of the same model starts clean."""
         self._hooks("teardown")
+        self._detach_features()
         for handle in self._post_hooks.values():
             handle.remove()
         self._post_hooks = {}
@@ -451,7 +498,10 @@ class MonitorCore:
         contribution_scale, grad_scale = self._scaling(optimizer)
         group = distributed.reduction_group()  # every rank reaches here on the same steps
         self.warnings.unattributed(watcher)
-        packed, layout = watcher.pack(contribution_scale, grad_scale, group, names)
+        # ranks whose uses differ: one warning (the step named) among the fit's once-per-fit ones
+        packed, layout = watcher.pack(
+            contribution_scale, grad_scale, group, names, step=step, fit_warnings=self.warnings
+        )
         self.warnings.uncaptured(watcher, layout)
         # the collectors' partial sums and earlier steps' NaN flags ride in the same transfer
         extras = [c.pack(optimizer).to(packed.device, torch.float64).reshape(-1) for c in self.collectors]

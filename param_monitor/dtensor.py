@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 try:  # DTensor lives in torch.distributed.tensor since torch 2.4
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # pragma: no cover - builds without distributed support
-    DTensor = None  # type: ignore[assignment,misc]
+    DTensor = Shard = None  # type: ignore[assignment,misc]
 
 
 def is_dtensor(t: object) -> bool:
@@ -47,3 +47,17 @@ def replication_factor(t: Tensor, world_size: int) -> float:
     mesh = t.device_mesh  # type: ignore[union-attr]
     shards = math.prod(mesh.size(i) for i, p in enumerate(t.placements) if p.is_shard())  # type: ignore[union-attr]
     return world_size / shards
+
+
+def fsdp_shard_group(t: Tensor) -> object | None:
+    """The process group ``t`` is split over in FSDP2's default layout (``Shard(0)`` over a 1-D mesh), else ``None``.
+
+    Its uses' gradients can then be reduce-scattered into the very rows this rank holds
+    (``distributed.shard_of_mean``). Other layouts (``Shard(1)``, HSDP's 2-D mesh, tensor parallel) cannot.
+    """
+    if not is_dtensor(t):
+        return None
+    mesh, placements = t.device_mesh, t.placements  # type: ignore[union-attr]
+    if mesh.ndim != 1 or placements != (Shard(0),):
+        return None
+    return mesh.get_group(0)

@@ -86,6 +86,7 @@ from torch.autograd.graph import Node
 from torch.nn.parameter import UninitializedParameter
 from torch.utils.hooks import RemovableHandle
 
+from param_monitor._internals import fsdp_params, fsdp_unsharded_param
 from param_monitor.parameters import parameter_aliases
 
 # Every autograd node takes the next number of a thread-local counter (`Node._sequence_nr()`).
@@ -176,6 +177,11 @@ class SharedUseTracker:
         self._summed_in: dict[int, torch.dtype] = {}  # uses summed by autograd in low precision before `.grad`
         self._failed: dict[int, str] = {}  # parameters whose use could not be recorded in backward
         self._walked = False
+        # Several processes (set by the watcher): `use_hook(name, grad)` returns what to keep of one use
+        # (`grad` itself: kept as usual; another tensor: ours, e.g. this rank's shard of the ranks' mean;
+        # None: nothing); `backward_uses` names the uses hooked in the last backward, for the ranks to agree on.
+        self.use_hook: Callable[[str, Tensor | None], Tensor | None] | None = None
+        self.backward_uses: dict[str, list[str]] = {}
 
     def reindex(self) -> None:
         """Re-read the root's parameters and modules; what this step recorded so far is kept.
@@ -203,6 +209,9 @@ class SharedUseTracker:
         self._sequential_parent = {
             mid: _sequential_parent(paths, modules_at) for mid, paths in self._paths.items() if len(paths) > 1
         }
+        # FSDP2: each monitored parameter's record, (FSDPParam, id(registered parameter)); see `_leaf_ids`
+        records = fsdp_params(root)
+        self._fsdp_records = [(r, id(r.sharded_param)) for r in records if id(r.sharded_param) in self._param_of]
         for attr in ("_states", "_sites_seen", "_last_sites"):
             states = getattr(self, attr, {})
             for pid in [pid for pid in states if pid not in self._param_of]:  # a parameter that is gone
@@ -433,7 +442,7 @@ class SharedUseTracker:
         self._starts = [c.start for c in self._calls]
         for mid, n in self._n_calls.items():
             self._max_calls[mid] = max(self._max_calls.get(mid, 0), n)
-        incoming, accumulators, opaque = _walk(roots, self._trainable_ids())
+        incoming, accumulators, opaque = _walk(roots, self._leaf_ids())
         self._note_opaque(opaque, accumulators)
         uses_of: dict[int, list[_Use]] = {}
         for node, pid in accumulators.items():
@@ -441,6 +450,7 @@ class SharedUseTracker:
                 for use in _split(consumer, slot, (), incoming):
                     uses_of.setdefault(pid, []).append(_Use(pid, *use))
         self._walked = True
+        self.backward_uses = {}
         hooks: dict[Node, list[tuple[_Use, str]]] = {}
         for pid, uses in uses_of.items():
             sites = self._label(uses)
@@ -450,6 +460,7 @@ class SharedUseTracker:
                 self._site_order[site] = min(self._site_order.get(site, use.seq), use.seq)
             if len(uses) > 1 or pid in self._statically_shared or len(known) > 1:
                 self._shared_seen.add(pid)
+            self.backward_uses[self._name_of[pid]] = [self._final(s, self._max_calls) for s in sites]
             if not self._capture:
                 continue
             if not self._prepare(pid, uses, sites):
@@ -488,9 +499,8 @@ class SharedUseTracker:
         # (the parameter hands out the same one while it lives) and see which ones fire inside.
         kind = next(kind for kind in opaque.values() if kind in _NESTED_BACKWARD_NODES)
         with torch.enable_grad():
-            for pid in self._trainable_ids():
-                param = self._param_of[pid]
-                acc = param.view_as(param).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+            for leaf, pid in self._leaves():  # under FSDP2 the segment accumulates into the unsharded ones
+                acc = leaf.view_as(leaf).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
                 self._held_accumulators.append(acc)
                 self._node_handles.append(acc.register_prehook(partial(self._accumulated, pid=pid, kind=kind)))
 
@@ -503,6 +513,23 @@ class SharedUseTracker:
     def _accumulated(self, grad_outputs: Any, pid: int, kind: str) -> None:
         if self._inside_nested > 0:
             self._opaque_params.setdefault(pid, kind)
+
+    def _leaves(self) -> list[tuple[Tensor, int]]:
+        """Each graph leaf that stands for a trainable monitored parameter, with ``id(parameter)``: the
+        parameters themselves and, under FSDP2, the unsharded parameters it swaps into the module slots
+        for each forward (their records are indexed by :meth:`reindex`; the unsharded parameter itself
+        is read at each walk: it exists only after the first all-gather)."""
+        trainable = self._trainable_ids()
+        leaves: list[tuple[Tensor, int]] = [(self._param_of[pid], pid) for pid in trainable]
+        for record, pid in self._fsdp_records:
+            unsharded = fsdp_unsharded_param(record)
+            if unsharded is not None and pid in trainable:
+                leaves.append((unsharded, pid))
+        return leaves
+
+    def _leaf_ids(self) -> dict[int, int]:
+        """``{id(graph leaf): id(monitored parameter)}`` (see :meth:`_leaves`)."""
+        return {id(leaf): pid for leaf, pid in self._leaves()}
 
     def _trainable_ids(self) -> set[int]:
         return {
@@ -572,17 +599,26 @@ class SharedUseTracker:
         if use.pid in self._failed:
             return
         grad = grad_inputs[use.slot]
-        if grad is None:
-            return
         param = self._param_of[use.pid]
-        if use.chain and grad.dtype in _LOW_PRECISION and grad.dtype != param.dtype:
+        if grad is not None and use.chain and grad.dtype in _LOW_PRECISION and grad.dtype != param.dtype:
             # the uses branch off a low-precision copy (autocast's cast cache): autograd sums them in that dtype
             self._summed_in[use.pid] = grad.dtype
         for node, index in use.chain:
+            if grad is None:
+                break
             out = node(grad)
             grad = out[index] if isinstance(out, tuple) else out
-            if grad is None:
+        if self.use_hook is not None:  # every hooked use reaches it, None too (it may take part in a collective)
+            kept = self.use_hook(self._name_of[use.pid], grad)
+            if kept is not grad:
+                if kept is not None:
+                    state = self._states.setdefault(use.pid, _ParamState())
+                    held = state.buffers.get(site)
+                    state.buffers[site] = kept if held is None else held.add_(kept)
+                    state.owned.add(site)
                 return
+        if grad is None:
+            return
         state = self._states.setdefault(use.pid, _ParamState())
         held = state.buffers.get(site)
         if held is None:
@@ -652,10 +688,11 @@ def _tensors(obj: Any) -> list[Tensor]:
 
 
 def _walk(
-    roots: list[Node], tracked: set[int]
+    roots: list[Node], tracked: dict[int, int]
 ) -> tuple[dict[Node, list[tuple[Node, int]]], dict[Node, int], dict[Node, str]]:
     """Every edge below ``roots`` as ``{node: [(consumer, slot), ...]}``, the accumulators of the
-    ``tracked`` parameters (``{AccumulateGrad node: id(parameter)}``), and the opaque nodes (``{node: kind}``)."""
+    ``tracked`` leaves (``{id(leaf): id(parameter)}``) as ``{AccumulateGrad node: id(parameter)}``,
+    and the opaque nodes (``{node: kind}``)."""
     incoming: dict[Node, list[tuple[Node, int]]] = {}
     accumulators: dict[Node, int] = {}
     opaque: dict[Node, str] = {}
@@ -672,8 +709,8 @@ def _walk(
             seen.add(nxt)
             kind = type(nxt).__name__
             if kind == "AccumulateGrad":  # a leaf: its `variable` is the parameter
-                pid = id(nxt.variable)
-                if pid in tracked:
+                pid = tracked.get(id(nxt.variable))
+                if pid is not None:
                     accumulators[nxt] = pid
                 continue
             if kind in _OPAQUE_NODES:

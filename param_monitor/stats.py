@@ -76,7 +76,9 @@ class Reduction(Enum):
     #: per-tensor sums over local shards: each element counted once, so a sum over the ranks is
     #: weighted by 1/(how many ranks hold that element); 1 for a fully sharded tensor.
     PER_TENSOR = "per_tensor"
-    #: the same value on every rank (per-use sums: their buffers are averaged over the ranks first).
+    #: per-use sums of one shared parameter (``names``: it): held by as many ranks as hold the
+    #: parameter: DDP's averaged uses, the same on every rank (W); FSDP2's, partial sums of this
+    #: rank's shard of each use (1).
     REPLICATED = "replicated"
 
 
@@ -116,7 +118,7 @@ class StatsLayout:
         ]
         for name, sites in self.shared:  # [‖c_i‖², <c_i, c_j>, ‖Σc − g‖²]
             m = len(sites)
-            segs.append(Segment(f"shared:{name}", m + _pair_count(m) + 1, Reduction.REPLICATED))
+            segs.append(Segment(f"shared:{name}", m + _pair_count(m) + 1, Reduction.REPLICATED, (name,)))
         return segs
 
     @property
@@ -134,8 +136,8 @@ class StatsLayout:
         for seg in self.segments():
             if seg.reduction is Reduction.PER_TENSOR:
                 replicas += [factors[n] for n in seg.names]
-            else:  # the same value on every rank
-                replicas += [world_size] * seg.length
+            else:  # per-use sums: held like their parameter (sharded uses: partial sums, counted once)
+                replicas += [factors.get(seg.names[0], world_size)] * seg.length
         return replica_weights(replicas, length)
 
 

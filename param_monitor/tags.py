@@ -27,11 +27,17 @@ SHARED_GRAD_ERROR = "shared_grad_error"
 SHARED_GRAD_COSINE = "shared_grad_cosine"
 UPDATE_RATIO = "update_ratio"
 DEAD_UNITS = "dead_units"
+ACTIVATION_MEAN = "activation_mean"
+ACTIVATION_STD = "activation_std"
+ACTIVATION_ZERO_FRAC = "activation_zero_frac"
+OPTIMIZER_STATE_NORM = "optimizer_state_norm"
 WEIGHT_HIST = "weight_hist"
 GRAD_HIST = "grad_hist"
 #: TensorBoard text: the parameter table, and the record of where non-finite gradients first appeared.
 SUMMARY_TAG = "param_monitor/parameters"
 NONFINITE_TAG = "param_monitor/nonfinite"
+#: TensorBoard text: the first steps whose grad_norm_total or training loss spiked (``detect_spikes=True``).
+SPIKES_TAG = "param_monitor/spikes"
 
 #: Every tag whose value derives from gradients (dropped together when a step's gradients are unusable).
 GRADIENT_PREFIXES = (GRAD_NORM, SHARED_GRAD)  # also covers grad_norm_total and shared_grad_*
@@ -75,6 +81,22 @@ def update_ratio(name: str) -> str:
 
 def dead_units(name: str) -> str:
     return f"{DEAD_UNITS}/{name}"
+
+
+def activation_mean(site: str) -> str:
+    return f"{ACTIVATION_MEAN}/{site}"
+
+
+def activation_std(site: str) -> str:
+    return f"{ACTIVATION_STD}/{site}"
+
+
+def activation_zero_frac(site: str) -> str:
+    return f"{ACTIVATION_ZERO_FRAC}/{site}"
+
+
+def optimizer_state_norm(name: str, state: str) -> str:
+    return f"{OPTIMIZER_STATE_NORM}/{name}/{state}"
 
 
 def weight_hist(name: str) -> str:
@@ -162,6 +184,15 @@ FAMILIES: tuple[MetricFamily, ...] = (
     MetricFamily(DEAD_UNITS, "name", "ratio_of_sums", "heatmap", "linear", "log_dead_units",
                  "Linear/Conv weights: fraction of output units whose gradient row is exactly zero on this batch",
                  gradient=True),
+    MetricFamily(ACTIVATION_MEAN, "site", "sum_over_numel", "heatmap", "linear", "log_activations",
+                 "mean of every element of the step's outputs of one leaf-module call (all micro-batches)"),
+    MetricFamily(ACTIVATION_STD, "site", "sum_over_numel", "heatmap", "log", "log_activations",
+                 "population standard deviation of those elements (from float64 sums of x and x^2)"),
+    MetricFamily(ACTIVATION_ZERO_FRAC, "site", "ratio_of_sums", "heatmap", "linear", "log_activations",
+                 "fraction of those elements exactly zero (a ReLU unit that nothing activates shows here first)"),
+    MetricFamily(OPTIMIZER_STATE_NORM, "name/state", "sqrt_sum_sq", "lines", "log", "log_optimizer_state",
+                 "L2 norm of one tensor the optimizer keeps for the parameter (exp_avg, exp_avg_sq, "
+                 "momentum_buffer, ...), after the logging step's optimizer step"),
 )
 
 _BY_NAME = {f.name: f for f in FAMILIES}

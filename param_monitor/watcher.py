@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.nn.parameter import UninitializedParameter
 
 from param_monitor import distributed
+from param_monitor.checks import FitWarnings
 from param_monitor.parameters import parameter_aliases
 from param_monitor.sharing import SharedUseTracker
 from param_monitor.stats import StatsLayout, finalize, pack, to_host
@@ -67,7 +68,9 @@ class ParameterWatcher:
     Several processes: pass ``group`` (e.g. ``param_monitor.distributed.reduction_group()``) to
     :meth:`compute`/:meth:`pack` on EVERY rank. Under DDP the per-use contributions are averaged
     over the ranks like ``.grad``; with sharded (FSDP2/DTensor) parameters the partial sums of the
-    local shards are summed (shared-use tracking is then off). One collective either way.
+    local shards are summed, and each use of an FSDP2 parameter is reduce-scattered into this rank's
+    shard inside its backward hook. The ranks first agree on the uses they combine (one small
+    all-gather; under FSDP2 one more per backward); see ``distributed.UseCombiner``.
     ``aggregate_depth`` reports weight/gradient statistics per module (see ``stats.module_group``).
     """
 
@@ -85,6 +88,8 @@ class ParameterWatcher:
         self.aggregate_depth = aggregate_depth
         self.dead_units = dead_units
         self._keep = name_filter(include, exclude)
+        self._capture = False
+        self._warnings = FitWarnings()  # without a core (the watcher used by hand): its own once-per-fit warnings
         self.refresh()
 
     def refresh(self) -> None:
@@ -97,13 +102,6 @@ class ParameterWatcher:
         ]
         self._lazy = [p for p in self.module.parameters() if isinstance(p, UninitializedParameter)]
         self.sharded = any(distributed.is_sharded(p) for _, p in self.named_params)
-        if self.sharded and self.track_shared:
-            # FSDP swaps in unsharded parameters for each forward: the graph's accumulators are not theirs.
-            distributed.warn_rank_zero(
-                "`param_monitor`: parameters are sharded (FSDP2/DTensor); per-use tracking of shared "
-                "parameters is switched off (per-tensor statistics still work, summed over the shards)."
-            )
-            self.track_shared = False
         if self.track_shared and old is not None and old.active:
             old.reindex()  # a parameter added during a tracked step: the others keep this step's uses
             self.tracker = old
@@ -111,6 +109,16 @@ class ParameterWatcher:
             if old is not None:
                 old.stop()
             self.tracker = SharedUseTracker(self.module, param_filter=self._keep) if self.track_shared else None
+        # several processes: the ranks agree on the uses before combining them (FSDP2: in backward)
+        self._combiner = distributed.UseCombiner(self.named_params, self.module) if self.tracker is not None else None
+        if self.tracker is not None:
+            hooked = self._combiner.sharded or self._combiner.unsupported  # type: ignore[union-attr]
+            self.tracker.use_hook = self._combiner.reduce_use if hooked else None  # type: ignore[union-attr]
+        if self._combiner is not None and self._combiner.unsupported:
+            distributed.warn_rank_zero(
+                "`param_monitor`: per-use tracking needs FSDP2's default sharding (`Shard(0)` over a 1-D mesh); "
+                f"not tracked: {', '.join(self._combiner.unsupported[:5])} (per-tensor statistics still work)."
+            )
         self._dead_unit_names = _unit_weights(self.module) if self.dead_units else frozenset()
         self._tied: frozenset[str] | None = None
 
@@ -131,9 +139,11 @@ class ParameterWatcher:
     # -- one logged step ------------------------------------------------------------------
     def start_step(self, capture: bool = True) -> None:
         """Install the tracking hooks (only on steps that log)."""
-        if self.tracker is not None:
-            self._capture = capture and not self.tracker.active
-            self.tracker.start(capture=capture)
+        if self.tracker is None or self.tracker.active:
+            return  # already started: this step's capture (and the ranks' agreement so far) stands
+        self._capture = capture
+        self.tracker.start(capture=capture)
+        self._combiner.reset()  # type: ignore[union-attr]
 
     def begin_forward(self) -> None:
         if self.tracker is not None:
@@ -142,7 +152,10 @@ class ParameterWatcher:
     def before_backward(self, loss: object) -> None:
         """Before each backward pass of a tracked step: find (and hook) every use in ``loss``'s graph."""
         if self.tracker is not None:
+            self.tracker.backward_uses = {}
             self.tracker.before_backward(loss)
+            if self._capture and self.tracker.active and self._combiner is not None:
+                self._combiner.before_backward(self.tracker.backward_uses)  # FSDP2: before the hooks reduce-scatter
 
     def after_backward(self) -> None:
         """After each backward pass of a tracked step."""
@@ -183,6 +196,8 @@ class ParameterWatcher:
         grad_scale: Tensor | None = None,
         group: distributed.ProcessGroup | None = None,
         names: set[str] | None = None,
+        step: int | None = None,
+        fit_warnings: FitWarnings | None = None,
     ) -> tuple[Tensor, StatsLayout]:
         """Partial sums on the device (the contribution buffers are handed over, never written).
 
@@ -190,7 +205,10 @@ class ParameterWatcher:
         the optimizer's gradients were already unscaled but the hooks saw scaled ones). With
         ``group``, the rank-local contributions are averaged over its ranks first (one collective,
         only if there are any). Sharded partial sums still need :meth:`reduce`. ``names`` restricts
-        everything to those parameters (one optimizer's, when several step in one batch).
+        everything to those parameters (one optimizer's, when several step in one batch). The ranks
+        first agree on the uses (one small all-gather); a parameter whose uses differ between ranks
+        gets no per-use values and one warning (naming ``step``), once per fit for each parameter and
+        use counts: through ``fit_warnings`` (the core's once-per-fit warnings) or the watcher's own.
         """
         contributions = self.tracker.contributions() if self.tracker is not None else {}
         named_params = self.named_params
@@ -199,15 +217,14 @@ class ParameterWatcher:
             contributions = {n: sites for n, sites in contributions.items() if n in names}
         if self.tracker is not None:
             self.tracker.discard(contributions)  # consumed below: later uses start new buffers
-        keys = [(n, site) for n, sites in contributions.items() for site in sites]
-        buffers = [contributions[n][site] for n, site in keys]
         if contribution_scale is not None:
-            buffers = [buf * contribution_scale for buf in buffers]
-        buffers = distributed.average_contributions(buffers, group)
-        scaled: dict[str, dict[str, Tensor]] = {}
-        for (n, site), buf in zip(keys, buffers, strict=True):
-            scaled.setdefault(n, {})[site] = buf
-        return pack(named_params, scaled, grad_scale, self._dead_unit_names)
+            scale = contribution_scale
+            contributions = {n: {s: b * scale for s, b in sites.items()} for n, sites in contributions.items()}
+        if self._combiner is not None and group is not None:
+            counts = {n: len(sites) for n, sites in self.tracker.call_sites().items()}  # type: ignore[union-attr]
+            contributions = self._combiner.combine(contributions, [n for n, _ in named_params], group, counts)
+            (fit_warnings or self._warnings).diverged(self._combiner.differ, step)
+        return pack(named_params, contributions, grad_scale, self._dead_unit_names)
 
     def reduce(self, packed: Tensor, layout: StatsLayout, group: distributed.ProcessGroup | None) -> Tensor:
         """Sum the shards' partial sums over ``group`` (one collective; none unless parameters are sharded).
@@ -218,6 +235,7 @@ class ParameterWatcher:
             return packed
         world = distributed.dist.get_world_size(group)
         factors = {n: distributed.replication_factor(p, world) for n, p in self.named_params}
+        # FSDP2's per-use sums are partial sums of disjoint shards (factor 1), DDP's averaged uses replicated (W)
         weights = layout.replica_weights(factors, world, packed.numel())
         if weights is not None:  # replicated tensors next to sharded ones: count them once
             packed = packed * weights.to(packed.device)
@@ -227,7 +245,8 @@ class ParameterWatcher:
         """Every metric of this step in one transfer; then the hooks are removed.
 
         With several processes, every rank calls it with the same ``group``
-        (``distributed.reduction_group()``): at most one collective.
+        (``distributed.reduction_group()``): the agreement on the uses (with tracking) and at most
+        one collective of the statistics.
         """
         missing = self.capture_problem()
         if missing is not None:

@@ -394,8 +394,13 @@ def test_fsdp1_is_refused_rather_than_logged_wrong(tmp_path: Path) -> None:
     class CpuFSDP(FSDPStrategy):  # Lightning refuses the plain class on CPU before our check runs
         pass
 
-    with pytest.raises(MisconfigurationException, match="FSDP1.*ModelParallelStrategy"):
-        fit(SharedMLP(), tmp_path, strategy=CpuFSDP())
+    try:
+        with pytest.raises(MisconfigurationException, match="FSDP1.*ModelParallelStrategy"):
+            fit(SharedMLP(), tmp_path, strategy=CpuFSDP())
+    finally:  # the strategy set up a one-process group before the refusal: later tests must not inherit it
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.parametrize(

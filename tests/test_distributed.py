@@ -17,6 +17,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +166,7 @@ def oracle_metrics(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor) -> dict
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_ddp_matches_single_process_and_issues_one_collective_per_logging_step(tmp_path: Path) -> None:
+def test_ddp_matches_single_process_and_issues_two_collectives_per_logging_step(tmp_path: Path) -> None:
     def attempt(out: Path) -> None:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(free_port())
@@ -190,7 +191,8 @@ def test_ddp_matches_single_process_and_issues_one_collective_per_logging_step(t
     assert set(next(iter(logged.values()))) == set(reference), "logged on other steps than expected"
     for rank in range(WORLD):
         counts = json.loads((tmp_path / f"counts_rank{rank}.json").read_text())
-        assert counts == {"0": 0, "1": 1, "2": 0, "3": 1}, f"rank {rank}: {counts}"
+        # a logging step: the ranks agree on the uses (all-gather), then average them (all-reduce)
+        assert counts == {"0": 0, "1": 2, "2": 0, "3": 2}, f"rank {rank}: {counts}"
 
 
 # -- FSDP2 with the framework-free watcher --------------------------------------------------
@@ -252,7 +254,7 @@ def _fsdp_case(
         "got_by_module": finalize(values, layout, aggregate_depth=1),
         "want_by_module": _by_module(reference),
         "collectives": calls,
-        "warnings": [str(w.message) for w in caught if "sharded" in str(w.message)],
+        "warnings": [str(w.message) for w in caught if "param_monitor" in str(w.message)],
         "tracking": watcher.tracker is not None,
     }
 
@@ -272,10 +274,10 @@ def test_fsdp2_local_shards_match_the_unsharded_model(tmp_path: Path) -> None:
             assert r["got"].keys() == r["want"].keys(), case
             assert_metrics_close(r["got"], r["want"])
             assert_metrics_close(r["got_by_module"], r["want_by_module"])
-            assert r["collectives"] == ["all_reduce"], f"{case}: {r['collectives']}"
-            assert not r["tracking"]
-            # one warning, from rank 0 only
-            assert len(r["warnings"]) == (1 if rank == 0 else 0), f"{case} rank {rank}: {r['warnings']}"
+            # the ranks agree on the uses (none walked here), then the one all-reduce of the sharded sums
+            assert r["collectives"] == ["all_gather", "all_reduce"], f"{case}: {r['collectives']}"
+            assert r["tracking"]  # per-use tracking stays on under FSDP2 (tests/test_fsdp.py checks its values)
+            assert not r["warnings"], f"{case} rank {rank}: {r['warnings']}"
 
 
 # -- FSDP2 through Lightning's ModelParallelStrategy ---------------------------------------
@@ -364,10 +366,8 @@ def test_lightning_model_parallel_fsdp2_matches_single_process(tmp_path: Path) -
         info = json.loads((tmp_path / f"model_parallel_rank{rank}.json").read_text())
         assert info["global_rank"] == rank
         assert set(info["sharded"]) == {"DTensor"}, info["sharded"]  # fully_shard really ran
-        # the shared-use tracking is switched off once, on rank 0 only
-        want_warnings = 1 if rank == 0 else 0
-        assert [w for w in info["warnings"] if "sharded" in w] == info["warnings"], info["warnings"]
-        assert len(info["warnings"]) == want_warnings, f"rank {rank}: {info['warnings']}"
+        # shared-use tracking stays on: nothing to warn about
+        assert not info["warnings"], f"rank {rank}: {info['warnings']}"
 
     assert len(list((tmp_path / "run").glob("events.out.tfevents.*"))) == 1  # only rank 0 writes
     logged = read_scalars(tmp_path / "run")
@@ -420,3 +420,148 @@ def test_callback_aggregates_and_rejects_bad_depth(tmp_path: Path) -> None:
         "grad_norm_total",
     }
     assert "shared_grad/net.2.weight/net.4" in tags
+
+
+# -- DDP ranks that diverge ---------------------------------------------------------------------
+# step: (rank 0's branch, rank 1's branch). "twice": the shared layer at two calls; "once": one call;
+# "none": not at all; "root": one call and one `F.linear` in the LightningModule's own forward (as
+# many uses as "twice", at other sites: same buffer sizes, different meaning).
+# Each fit: step 0 and 2 agree, step 1 diverges as named (one fit each: on the old code each failed its own way).
+DIVERGENCES = {  # case: (rank 1's branch at step 1, each rank's use count)
+    "branch skipped on one rank": ("once", [2, 1]),
+    "one rank without uses": ("none", [2, 0]),
+    "same buffer sizes, other uses": ("root", [2, 2]),
+}
+DIVERGED_STEP = 1
+
+
+def branches_of(case: str) -> dict[int, tuple[str, str]]:
+    return {0: ("twice", "twice"), 1: ("twice", DIVERGENCES[case][0]), 2: ("twice", "twice")}
+
+
+def branch_forward(m: nn.Module, x: torch.Tensor, branch: str, use: Callable[[int, torch.Tensor], torch.Tensor]):
+    """The branchy model's maths; ``use(i, h)`` applies the i-th use of the shared layer."""
+    h = torch.tanh(m.inp(x))
+    if branch in ("twice", "root"):
+        h = torch.tanh(use(1, torch.tanh(use(0, h))))
+    elif branch == "once":
+        h = torch.tanh(m.other(torch.tanh(use(0, h))))
+    else:
+        h = torch.tanh(m.other(h))
+    return m.out(h)
+
+
+class Branchy(pl.LightningModule):
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.branches = branches_of(case)
+        torch.manual_seed(0)
+        self.inp, self.shared, self.other, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+        def use(i: int, h: torch.Tensor) -> torch.Tensor:
+            if branch == "root" and i == 1:  # a use in this module's own forward: site <root>
+                return F.linear(h, self.shared.weight, self.shared.bias)
+            return self.shared(h)
+
+        return branch_forward(self, x, branch, use)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x, self.branches[batch_idx][self.global_rank]), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def train_dataloader(self) -> DataLoader:
+        data = dataset(WORLD * BATCH * len(self.branches))
+        return DataLoader(data, batch_size=BATCH, sampler=DistributedSampler(data, shuffle=False))
+
+
+def _diverging_worker(rank: int, port: int, out_dir: str, case: str) -> None:
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    # LOCAL_RANK: Lightning treats the processes as launched externally (its launcher would re-run pytest)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    trainer = make_trainer(
+        Path(out_dir),
+        ParameterMonitor(log_every_n_steps=1),
+        devices=WORLD,
+        # a short timeout: a rank left waiting in a collective fails the test in 30 s, not 30 minutes
+        strategy=DDPStrategy(find_unused_parameters=True, timeout=timedelta(seconds=30)),
+        max_steps=len(branches_of(case)),
+        logger=TensorBoardLogger(out_dir, name="", version="run"),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Branchy(case))
+    messages = [str(w.message) for w in caught if "param_monitor" in str(w.message)]
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(messages))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def grads_of(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+
+
+def diverging_reference(case: str) -> dict[int, dict[str, float]]:
+    """Single process: each step's loss is the mean over the ranks of each rank's loss on its own branch
+    (DDP's averaged gradient); per-use contributions from separate copies of the shared layer per use."""
+    model = Branchy(case)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = dataset(WORLD * BATCH * len(model.branches))[:]
+    out: dict[int, dict[str, float]] = {}
+    for step, branches in model.branches.items():
+        shared = (model.shared.weight, model.shared.bias)
+        copies = [[p.detach().clone().requires_grad_() for p in shared] for _ in range(2)]
+
+        def copy_use(i: int, h: torch.Tensor, copies: list[list[torch.Tensor]] = copies) -> torch.Tensor:
+            return F.linear(h, *copies[i])
+
+        opt.zero_grad()
+        tied, untied = [], []
+        for rank, branch in enumerate(branches):
+            rows = list(range(rank, len(x), WORLD))[step * BATCH : (step + 1) * BATCH]
+            tied.append(F.cross_entropy(model(x[rows], branch), y[rows]))
+            untied.append(F.cross_entropy(branch_forward(model, x[rows], branch, copy_use), y[rows]))
+        torch.stack(tied).mean().backward()
+        metrics = {f"grad_norm/{n}": p.grad.double().norm().item() for n, p in grads_of(model)}
+        if step != DIVERGED_STEP:
+            grads = torch.autograd.grad(torch.stack(untied).mean(), [p for c in copies for p in c])
+            for i, local in enumerate(("weight", "bias")):
+                uses = [grads[i].double(), grads[2 + i].double()]
+                for j, u in enumerate(uses):
+                    metrics[f"shared_grad/shared.{local}/shared#{j}"] = u.norm().item()
+                cosine = F.cosine_similarity(uses[0].flatten(), uses[1].flatten(), 0)
+                metrics[f"shared_grad_cosine/shared.{local}"] = cosine.item()
+        out[step] = metrics
+        opt.step()
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(DIVERGENCES))
+def test_ddp_ranks_that_diverge_get_no_per_use_values_one_warning_and_no_hang(tmp_path: Path, case: str) -> None:
+    # a rank left waiting in a collective ends in the 30 s process-group timeout: an error, not a hang
+    folder = spawn_workers(partial(_diverging_worker, case=case), tmp_path)
+    logged = read_scalars(folder / "run")
+    for step, want in diverging_reference(case).items():
+        got = {tag: values[step] for tag, values in logged.items() if step in values}
+        assert_metrics_close(got, want)  # every value written equals the oracle
+        shared_tags = [t for t in got if t.startswith("shared_grad") and "/shared." in t]
+        if step == DIVERGED_STEP:
+            assert not shared_tags, f"step {step}: {shared_tags}"
+        else:  # weight and bias: 2 norms, 2 shares, the error, the cosine
+            assert len(shared_tags) == 2 * 6, shared_tags
+    warned = [w for w in json.loads((folder / "rank0.json").read_text()) if "different uses" in w]
+    assert len(warned) == 1, warned
+    counts = DIVERGENCES[case][1]
+    assert f"at step {DIVERGED_STEP}" in warned[0] and f"uses per rank {counts}" in warned[0], warned[0]
+    assert "`shared.weight`" in warned[0] and "`shared.bias`" in warned[0], warned[0]
+    assert ("different sites" in warned[0]) == (counts[0] == counts[1]), warned[0]
+    assert not json.loads((folder / "rank1.json").read_text())  # rank 0 alone warns

@@ -126,6 +126,8 @@ def test_layout_declares_every_position_once_with_its_reduction() -> None:
     # two ranks, `x` sharded (each element on one rank), `w` replicated on both
     weights = layout.replica_weights({"x": 1.0, "w": 2.0}, world_size=2, length=packed.numel() + 1)
     assert weights.tolist() == [1, 0.5, 1, 0.5, 1, 0.5, 1] + [0.5] * 4 + [1.0]  # shared: 2 norms, 1 dot, error
+    # FSDP2: `w` sharded too, its per-use sums are partial sums of this rank's shards: counted once
+    assert layout.replica_weights({"x": 1.0, "w": 1.0}, world_size=2, length=packed.numel()) is None
 
 
 def test_empty_layout() -> None:

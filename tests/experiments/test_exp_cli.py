@@ -18,7 +18,9 @@ from experiments.seeds import spread, train_seed
 from param_monitor import ParameterMonitor
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+# the FashionMNIST experiment's LightningCLI configs (tied_lm*.yaml are the language-model experiment's own
+# format, read by experiments/tied_lm.py and tested in test_exp_tied_lm.py)
+CONFIGS = sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml") if not p.name.startswith("tied_lm"))
 # Fake data: 64 train / 32 test images, so batch 16 gives 4 training steps per epoch.
 SMALL = ("--data.batch_size=16", "--trainer.log_every_n_steps=1")
 
@@ -272,3 +274,45 @@ def test_script_runs_under_ddp_on_cpu(fake_system_env: FakeFashionMNIST, in_tmp_
     assert {"shared_grad/model.net.3.weight/model.net.6", "grad_norm/model.net.3.weight"} <= tags(log_dir)
     assert not (run_dir / "lightning_logs/quick/version_1").exists()
     assert (log_dir / "summary.png").exists()  # the report points at the run that has the events
+
+
+@pytest.mark.parametrize("script", ["shared_mlp", "failed_run", "seeds", "param_table"])
+def test_scripts_run_as_files_from_the_repository_root(script: str) -> None:
+    """``python experiments/<script>.py`` works like ``python -m experiments.<script>``, without PYTHONPATH."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a fresh clone's shell sets none
+    args = [] if script == "param_table" else ["--help"]
+    done = subprocess.run(
+        [sys.executable, f"experiments/{script}.py", *args], capture_output=True, text=True, timeout=120,
+        cwd=REPO_ROOT, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "total (unique)" in done.stdout if script == "param_table" else "usage:" in done.stdout
+
+
+def test_shared_mlp_as_a_file_trains_with_the_quick_config(fake_system_env: FakeFashionMNIST, in_tmp_cwd: Path) -> None:
+    """The design's own command, ``python experiments/shared_mlp.py --config configs/quick.yaml``, on fake data."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [
+        sys.executable, str(REPO_ROOT / "experiments/shared_mlp.py"), "--config", str(REPO_ROOT / "configs/quick.yaml"),
+        f"--data.data_dir={in_tmp_cwd / 'data'}", "--trainer.max_steps=2", *SMALL,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=in_tmp_cwd, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("final val_acc") == 1
+    assert "grad_norm/model.net.3.weight" in tags(in_tmp_cwd / "lightning_logs/quick/version_0")
+
+
+def test_pictures_named_in_configs_and_experiments_exist() -> None:
+    import re
+
+    sources = [*CONFIGS, *sorted((REPO_ROOT / "experiments").glob("*.py"))]
+    named = {m for p in sources for m in re.findall(r"docs/[\w*.-]+\.png", p.read_text())}
+    assert named and all((REPO_ROOT / path).is_file() for path in named), sorted(named)

@@ -12,7 +12,15 @@ from typing import Any
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor", "reduce")
+COLLECTIVES = (  # reduce_scatter_single: torch 2.14's name for reduce_scatter_tensor
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce_scatter_tensor",
+    "reduce_scatter_single",
+    "reduce",
+)
 
 
 def free_port() -> int:
@@ -51,7 +59,7 @@ def spawn_workers(worker: Callable[..., None], root: Path, nprocs: int = 2) -> P
 def count_collectives() -> Iterator[list[str]]:
     """Record every ``torch.distributed`` collective called (by name) inside the block."""
     calls: list[str] = []
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
 
     def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def counted(*args: Any, **kwargs: Any) -> Any:
