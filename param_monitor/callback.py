@@ -224,7 +224,8 @@ class ParameterMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._core.batch_end(accumulating=_lightning.should_accumulate(trainer))
+        core = self._core  # (Lightning's fit loop is asked only where the answer changes something)
+        core.batch_end(accumulating=core.accumulation_matters() and _lightning.should_accumulate(trainer))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._core.end()

@@ -146,7 +146,7 @@ class MonitorCore:
         self.config = config
         self.runtime = runtime
         self.hooks: list[StepHook] = [EagerLoggingSteps(self)] if config.eager_logging_steps else []
-        self._hooks_seen: list[int] = []  # the ids of `hooks` as `_acting` was built from (it holds them)
+        self._hooks_seen: list[int] | None = None  # the ids of `hooks` as `_acting` was built from (it holds them)
         self._acting: dict[str, tuple[Callable[..., None], ...]] = {}  # per event: the hooks' methods that act
         self.collectors: list[Collector] = []
         self._features: list[Any] = []  # this fit's opt-in statistics (activations, optimizer state, spikes)
@@ -172,7 +172,7 @@ class MonitorCore:
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles the callback: hooks and modules are not state
         state = self.__dict__.copy()
-        state.update(watcher=None, update_ratio=None, _post_hooks={}, writer=None, _features=[], _hooks_seen=[])
+        state.update(watcher=None, update_ratio=None, _post_hooks={}, writer=None, _features=[], _hooks_seen=None)
         state["_acting"] = {}
         features = set(map(id, self._features))  # they hold the module and closures: attached again by `start`
         state["hooks"] = [h for h in self.hooks if id(h) not in features]
@@ -266,23 +266,22 @@ class MonitorCore:
         return bool(n) and (step + 1) % n == 0
 
     def _hooks(self, name: str, *args: Any) -> None:
-        methods = self._acting.get(name) if list(map(id, self.hooks)) == self._hooks_seen else None
-        for method in self._methods(name) if methods is None else methods:  # a snapshot: a hook may take
-            method(*args)  # itself off at teardown
+        for method in self._acting_now()[name]:  # a snapshot: a hook may take itself off at teardown
+            method(*args)
 
-    def _methods(self, name: str) -> tuple[Callable[..., None], ...]:
-        """The hooks' methods for event ``name`` that do something (not :class:`StepHook`'s no-ops).
+    def _acting_now(self) -> dict[str, tuple[Callable[..., None], ...]]:
+        """Per event, the hooks' methods that do something (not :class:`StepHook`'s no-ops).
 
-        Looked up again only when ``hooks`` changes: a step that does not log calls nothing it need not.
+        Looked up again only when ``hooks`` changes (the events check ``_hooks_seen`` inline, without a call:
+        a step that does not log runs little more than the phase machine).
         """
         if list(map(id, self.hooks)) != self._hooks_seen:
             self._hooks_seen, self._acting = list(map(id, self.hooks)), {}
-        methods = self._acting.get(name)
-        if methods is None:
-            no_op = getattr(StepHook, name)
-            bound = [getattr(hook, name) for hook in self.hooks]
-            methods = self._acting[name] = tuple(m for m in bound if getattr(m, "__func__", m) is not no_op)
-        return methods
+            for name in _EVENTS:
+                no_op = getattr(StepHook, name)
+                bound = [getattr(hook, name) for hook in self.hooks]
+                self._acting[name] = tuple(m for m in bound if getattr(m, "__func__", m) is not no_op)
+        return self._acting
 
     # -- the phases ------------------------------------------------------------------------------
     def batch_start(self, step: int, module: torch.nn.Module) -> tuple[bool, list[Problem]]:
@@ -293,7 +292,7 @@ class MonitorCore:
         if self.update_ratio is not None:  # a copy whose step never ran (a plain loop's skipped step)
             self.update_ratio.release()
         self.current_step = step
-        logs = self.logs(step)
+        logs = bool(self.every_n) and (step + 1) % self.every_n == 0  # `self.logs(step)`, without a call
         first_batch = logs and not self.machine.logs_now(step)
         problems = self.machine.batch_start(step, logs)
         if first_batch:  # manual accumulation: gradients of earlier, untracked batches are in `.grad`
@@ -312,21 +311,29 @@ class MonitorCore:
                     # off-schedule, the first step only counts module calls to name the table's call sites
                     watcher.start_step(capture=logs)
                 watcher.begin_forward()
-        self._hooks("batch_start", logs)
+        acting = self._acting if list(map(id, self.hooks)) == self._hooks_seen else self._acting_now()
+        for method in acting["batch_start"]:
+            method(logs)
         return logs, problems
 
     def before_backward(self, loss: Any) -> list[Problem]:
-        self._hooks("before_backward", loss)
+        acting = self._acting if list(map(id, self.hooks)) == self._hooks_seen else self._acting_now()
+        for method in acting["before_backward"]:
+            method(loss)
         problems = self.machine.before_backward()
-        if self.watcher is not None and self.watcher.tracking:
-            self.watcher.before_backward(loss)  # the graph is walked for the uses of shared parameters
+        watcher = self.watcher
+        if watcher is not None and watcher.tracking:
+            watcher.before_backward(loss)  # the graph is walked for the uses of shared parameters
         return problems
 
     def after_backward(self) -> list[Problem]:
-        self._hooks("after_backward")
+        acting = self._acting if list(map(id, self.hooks)) == self._hooks_seen else self._acting_now()
+        for method in acting["after_backward"]:
+            method()
         problems = self.machine.after_backward()
-        if self.watcher is not None and self.watcher.tracking:
-            self.watcher.after_backward()  # the micro-batches' contributions add up in the same buffers
+        watcher = self.watcher
+        if watcher is not None and watcher.tracking:
+            watcher.after_backward()  # the micro-batches' contributions add up in the same buffers
         return problems
 
     def before_clip(self, optimizer: Optimizer, step: int) -> None:
@@ -346,22 +353,29 @@ class MonitorCore:
         watcher = self.watcher
         if watcher is None:
             return []
-        logs = self.machine.logs_now(step)
+        machine = self.machine
+        logs = machine.tracked_step == step  # `machine.logs_now(step)`, without a call
         self.current_step = step
-        self._hooks("before_optimizer_step", optimizer, logs)
+        acting = self._acting if list(map(id, self.hooks)) == self._hooks_seen else self._acting_now()
+        for method in acting["before_optimizer_step"]:
+            method(optimizer, logs)
         self._stepping[id(optimizer)] = logs  # for `after_optimizer_step`, which may come after the batch
-        problems = self.machine.before_optimizer_step(step)
-        self._watch_step(optimizer)
+        problems = machine.before_optimizer_step(step)
+        if acting["after_optimizer_step"] and id(optimizer) not in self._post_hooks:
+            self._watch_step(optimizer)
         self.fit.steps_run = max(self.fit.steps_run, step + 1)
         histograms = bool(self.config.histogram_every_n_steps) and self._histograms_due(step)
         if self.config.check_finite_every_step and not logs and self.runtime.grad_scaler() is None:
             self.nonfinite.check_step(watcher.named_params, step)  # (a scaler skips non-finite steps itself)
-        if self.machine.first_of_step:  # once per step, whatever the number of optimizers
+        if machine.first_of_step:  # once per step, whatever the number of optimizers
             self.writer.new_step()
             if logs or histograms or self.fit.summary_pending or self.fit.count_calls_pending:
                 self._once_per_step(module, step, logs)
+        tracking = watcher.tracking
+        if not (logs or histograms or tracking):
+            return problems
         several = len(self.runtime.optimizers()) > 1  # tracking then lasts until the batch ends
-        if not logs and watcher.tracking and not several:
+        if not logs and tracking and not several:
             watcher.end_step()  # the first step's call counting
         if not (logs or histograms):
             return problems
@@ -393,7 +407,7 @@ class MonitorCore:
 
     def _watch_step(self, optimizer: Optimizer) -> None:
         """``after_optimizer_step`` from torch's public step post-hook (none for a step GradScaler skips)."""
-        if id(optimizer) not in self._post_hooks and self._methods("after_optimizer_step"):
+        if id(optimizer) not in self._post_hooks and self._acting_now()["after_optimizer_step"]:
             self._post_hooks[id(optimizer)] = optimizer.register_step_post_hook(
                 lambda opt, args, kwargs: self._hooks("after_optimizer_step", opt, self._stepping.get(id(opt), False))
             )
@@ -401,16 +415,25 @@ class MonitorCore:
     def batch_end(self, accumulating: bool, step_may_follow: bool = False) -> list[Problem]:
         """The batch is over; ``accumulating``: the step's gradients are still being accumulated;
         ``step_may_follow``: the optimizer may still step (a plain loop's ``step()`` after its block)."""
-        self._hooks("batch_end", self.machine.logging)
+        acting = self._acting if list(map(id, self.hooks)) == self._hooks_seen else self._acting_now()
+        for method in acting["batch_end"]:
+            method(self.machine.logging)
         if self.update_ratio is not None and not step_may_follow:  # a copy whose step did not run (GradScaler)
             self.update_ratio.release()
         self._before_clip.clear()
         self._measured.clear()
         problems = self.machine.batch_end(accumulating)
         # a step that never reached the optimizer (training_step returned None): drop its hooks
-        if self.watcher is not None and self.watcher.tracking and not accumulating:
-            self.watcher.end_step()
+        watcher = self.watcher
+        if watcher is not None and not accumulating and watcher.tracking:
+            watcher.end_step()
         return problems
+
+    def accumulation_matters(self) -> bool:
+        """Whether :meth:`batch_end`'s ``accumulating`` changes anything: no optimizer stepped in the batch,
+        or a capture is installed. Otherwise a shell need not ask its loop (``False`` does the same)."""
+        watcher = self.watcher
+        return not self.machine.stepped or (watcher is not None and watcher.tracking)
 
     def end(self) -> None:
         """The fit finished: the pending non-finite record, and one warning if no step was logged."""
@@ -595,6 +618,9 @@ class EagerLoggingSteps(StepHook):
 
     def teardown(self) -> None:
         self.stance.exit()
+
+
+_EVENTS = tuple(name for name in vars(StepHook) if not name.startswith("_"))
 
 
 def _from_gradients(tag: str) -> bool:

@@ -108,7 +108,9 @@ class StepMachine:
 
     def before_backward(self) -> list[Problem]:
         self.backward_seen = True
-        return self._go("before_backward")
+        problem = _PROBLEM.get((self.phase, "before_backward"))  # `_go("before_backward")` without the call:
+        self.phase = Phase.BACKWARD  # every phase leads to BACKWARD (the table's, or out of order)
+        return [] if problem is None else [problem]
 
     def after_backward(self) -> list[Problem]:
         problems = [] if self.phase is Phase.BACKWARD else [Problem.NO_BACKWARD]
