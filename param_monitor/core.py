@@ -49,8 +49,9 @@ Extension points (other features plug in with a few lines):
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -106,6 +107,39 @@ class StepHook:
     def teardown(self) -> None: ...
 
 
+_versions = itertools.count(1)
+
+
+class HookList(list):
+    """``MonitorCore.hooks``: a list whose every change takes a new ``version``.
+
+    The core looks up which hooks act at each event only when the version changed; on every other step it
+    reads one number (a step that does not log runs little more than the phase machine).
+    """
+
+    __slots__ = ("version",)
+
+    def __init__(self, hooks: Iterable[StepHook] = ()) -> None:
+        super().__init__(hooks)
+        self.version = next(_versions)
+
+
+def _changing(name: str) -> Callable[..., Any]:
+    method = getattr(list, name)
+
+    def changed(self: HookList, *args: Any) -> Any:
+        result = method(self, *args)
+        self.version = next(_versions)
+        return result
+
+    return changed
+
+
+for _name in ("append", "extend", "insert", "remove", "pop", "clear", "sort", "reverse", "__setitem__",
+              "__delitem__", "__iadd__", "__imul__"):  # fmt: skip
+    setattr(HookList, _name, _changing(_name))
+
+
 class Collector(Protocol):
     """Extra partial sums that ride in a logging step's one transfer (see the module docstring).
 
@@ -145,8 +179,8 @@ class MonitorCore:
     def __init__(self, config: MonitorConfig, runtime: Runtime) -> None:
         self.config = config
         self.runtime = runtime
-        self.hooks: list[StepHook] = [EagerLoggingSteps(self)] if config.eager_logging_steps else []
-        self._hooks_seen: list[int] | None = None  # the ids of `hooks` as `_acting` was built from (it holds them)
+        self.hooks: list[StepHook] = HookList([EagerLoggingSteps(self)] if config.eager_logging_steps else [])
+        self._hooks_seen: int | None = None  # the `hooks.version` that `_acting` was built from
         self._acting: dict[str, tuple[Callable[..., None], ...]] = {}  # per event: the hooks' methods that act
         self.collectors: list[Collector] = []
         self._features: list[Any] = []  # this fit's opt-in statistics (activations, optimizer state, spikes)
@@ -175,12 +209,13 @@ class MonitorCore:
         state.update(watcher=None, update_ratio=None, _post_hooks={}, writer=None, _features=[], _hooks_seen=None)
         state["_acting"] = {}
         features = set(map(id, self._features))  # they hold the module and closures: attached again by `start`
-        state["hooks"] = [h for h in self.hooks if id(h) not in features]
+        state["hooks"] = [h for h in self.hooks if id(h) not in features]  # (a HookList again on unpickling)
         state["collectors"] = [c for c in self.collectors if id(c) not in features]
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.hooks = HookList(self.hooks)  # a version of this process
         self.writer = self._new_writer()
 
     # -- set-up --------------------------------------------------------------------------------
@@ -275,8 +310,10 @@ class MonitorCore:
         Looked up again only when ``hooks`` changes (the events check ``_hooks_seen`` inline, without a call:
         a step that does not log runs little more than the phase machine).
         """
-        if list(map(id, self.hooks)) != self._hooks_seen:
-            self._hooks_seen, self._acting = list(map(id, self.hooks)), {}
+        if getattr(self.hooks, "version", 0) != self._hooks_seen:
+            if not isinstance(self.hooks, HookList):  # a list assigned to `hooks`
+                self.hooks = HookList(self.hooks)
+            self._hooks_seen, self._acting = self.hooks.version, {}
             for name in _EVENTS:
                 no_op = getattr(StepHook, name)
                 bound = [getattr(hook, name) for hook in self.hooks]
@@ -311,13 +348,13 @@ class MonitorCore:
                     # off-schedule, the first step only counts module calls to name the table's call sites
                     watcher.start_step(capture=logs)
                 watcher.begin_forward()
-        acting = self._acting if list(map(id, self.hooks)) == self._hooks_seen else self._acting_now()
+        acting = self._acting if getattr(self.hooks, "version", 0) == self._hooks_seen else self._acting_now()
         for method in acting["batch_start"]:
             method(logs)
         return logs, problems
 
     def before_backward(self, loss: Any) -> list[Problem]:
-        acting = self._acting if list(map(id, self.hooks)) == self._hooks_seen else self._acting_now()
+        acting = self._acting if getattr(self.hooks, "version", 0) == self._hooks_seen else self._acting_now()
         for method in acting["before_backward"]:
             method(loss)
         problems = self.machine.before_backward()
@@ -327,7 +364,7 @@ class MonitorCore:
         return problems
 
     def after_backward(self) -> list[Problem]:
-        acting = self._acting if list(map(id, self.hooks)) == self._hooks_seen else self._acting_now()
+        acting = self._acting if getattr(self.hooks, "version", 0) == self._hooks_seen else self._acting_now()
         for method in acting["after_backward"]:
             method()
         problems = self.machine.after_backward()
@@ -356,7 +393,7 @@ class MonitorCore:
         machine = self.machine
         logs = machine.tracked_step == step  # `machine.logs_now(step)`, without a call
         self.current_step = step
-        acting = self._acting if list(map(id, self.hooks)) == self._hooks_seen else self._acting_now()
+        acting = self._acting if getattr(self.hooks, "version", 0) == self._hooks_seen else self._acting_now()
         for method in acting["before_optimizer_step"]:
             method(optimizer, logs)
         self._stepping[id(optimizer)] = logs  # for `after_optimizer_step`, which may come after the batch
@@ -415,7 +452,7 @@ class MonitorCore:
     def batch_end(self, accumulating: bool, step_may_follow: bool = False) -> list[Problem]:
         """The batch is over; ``accumulating``: the step's gradients are still being accumulated;
         ``step_may_follow``: the optimizer may still step (a plain loop's ``step()`` after its block)."""
-        acting = self._acting if list(map(id, self.hooks)) == self._hooks_seen else self._acting_now()
+        acting = self._acting if getattr(self.hooks, "version", 0) == self._hooks_seen else self._acting_now()
         for method in acting["batch_end"]:
             method(self.machine.logging)
         if self.update_ratio is not None and not step_may_follow:  # a copy whose step did not run (GradScaler)
