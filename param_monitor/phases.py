@@ -75,7 +75,7 @@ _PROBLEM: dict[tuple[Phase, str], Problem] = {
 }
 
 
-@dataclass
+@dataclass(slots=True)  # (its fields inline: read on every step)
 class StepMachine:
     """The state of the step under way (see the module docstring); every method returns its problems."""
 
