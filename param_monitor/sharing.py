@@ -117,7 +117,7 @@ UNSEEN_USE_TOLERANCE = 1e-2
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-@dataclass
+@dataclass(slots=True)  # (one per module call of a tracked forward)
 class _Call:
     """One module call: the sequence numbers of the autograd nodes it created lie in [start, end)."""
 
@@ -371,10 +371,14 @@ class SharedUseTracker:
             return
         k = self._n_calls.get(mid, 0)
         self._n_calls[mid] = k + 1
-        parent = next((c for c in reversed(self._open) if c is not None), None)
-        call = _Call(mid, k, self._sequence_number(), parent)
+        opened = self._open
+        parent = opened[-1] if opened else None  # (the usual case: the caller's call is the last one open)
+        if parent is None and opened:
+            parent = next((c for c in reversed(opened) if c is not None), None)
+        start = _peek_sequence_nr() if _peek_sequence_nr is not None else self._sequence_number()
+        call = _Call(mid, k, start, parent)
         self._calls.append(call)
-        self._open.append(call)
+        opened.append(call)
 
     def _after_call(self, module: nn.Module, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling():
@@ -383,7 +387,7 @@ class SharedUseTracker:
             return
         call = self._open.pop()
         if call is not None:
-            call.end = self._sequence_number()
+            call.end = _peek_sequence_nr() if _peek_sequence_nr is not None else self._sequence_number()
 
     def _site_of(self, seq: int) -> str:
         """The innermost module call whose window holds node number ``seq``."""
