@@ -8,8 +8,8 @@
 - ``no_step``: 30 steps with the Trainer's default ``log_every_n_steps=50`` (nothing logged);
 - ``plain``: a plain PyTorch loop with ``ParameterWatcher`` and ``write_scalars`` (no Lightning).
 
-Also the in-process TensorBoard app over a logdir (the data provider that ``tensorboard`` itself
-builds without the fast loader) and the launcher that serves the tab without an installed entry point.
+The in-process TensorBoard app over a logdir (``wsgi_app``) lives in the package, in
+``param_monitor.tensorboard_plugin.testing``, with the synthetic runs the benchmarks use too.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from param_monitor import ParameterMonitor
+from param_monitor.tensorboard_plugin.testing import wsgi_app
+
+__all__ = ["wsgi_app"]  # re-exported for the tests
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_SHARED, TINY_SITES = "model.2.weight", ("model.2", "model.4")
@@ -204,25 +207,3 @@ def train_plain(save_dir: Path, name: str = "plain_loop", steps: int = 8) -> Pat
             optimizer.step()
             optimizer.zero_grad()
     return run_dir
-
-
-def wsgi_app(logdir: Path) -> Any:
-    """TensorBoard's WSGI app over ``logdir`` with the PARAM MONITOR plugin, data read once.
-
-    The multiplexer keeps what ``tensorboard`` keeps by default (a reservoir of 1,000 scalars per tag).
-    """
-    from tensorboard.backend import application
-    from tensorboard.backend.event_processing import data_ingester, data_provider, plugin_event_multiplexer
-    from tensorboard.plugins import base_plugin
-
-    from param_monitor.tensorboard_plugin.plugin import ParamMonitorPlugin
-
-    multiplexer = plugin_event_multiplexer.EventMultiplexer(  # what `tensorboard --load_fast=false` keeps
-        size_guidance=data_ingester.DEFAULT_SIZE_GUIDANCE,
-        tensor_size_guidance=data_ingester.DEFAULT_TENSOR_SIZE_GUIDANCE,
-    )
-    multiplexer.AddRunsFromDirectory(str(logdir))
-    multiplexer.Reload()
-    provider = data_provider.MultiplexerDataProvider(multiplexer, str(logdir))
-    context = base_plugin.TBContext(logdir=str(logdir), data_provider=provider)
-    return application.TensorBoardWSGI([ParamMonitorPlugin(context)], data_provider=provider)

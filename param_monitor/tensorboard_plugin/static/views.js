@@ -41,10 +41,18 @@ export async function chart(parent, spec, ctx) {
   if (spec.note) box.append(note(spec.note));
   parent.append(box);
   let scale = ctx.scales[spec.key] || spec.scale || 'linear';
+  // draw once the caller has placed its sibling charts: a grid's columns are final by then, and
+  // plotly measures the width when it draws
+  await new Promise((resolve) => setTimeout(resolve, 0));
   const draw = async () => {
     const {traces, layout} = spec.build(scale);
     const zoom = ctx.zoom[spec.key] || {};
     const full = {...BASE_LAYOUT, height: spec.height || 200, ...layout};
+    // x labels a few pixels lower: the y axis's bottom label and the x axis's first never touch
+    full.xaxis = {ticks: 'outside', ticklen: 5, tickcolor: 'rgba(0,0,0,0)', automargin: true, ...(full.xaxis || {})};
+    full.yaxis = {automargin: true, ...(full.yaxis || {})};
+    // a log axis labels its decades only on small charts (no crowded 2, 3, 5 minor labels)
+    if (full.yaxis.type === 'log') full.yaxis.nticks = Math.max(3, Math.floor(full.height / 45));
     for (const axis of ['xaxis', 'yaxis']) {
       if (zoom[axis]) full[axis] = {...(full[axis] || {}), range: zoom[axis], autorange: false};
     }
@@ -76,6 +84,7 @@ export async function chart(parent, spec, ctx) {
     for (const axis of ['xaxis', 'yaxis']) {
       if (event[`${axis}.autorange`]) delete zoom[axis];
       else if (event[`${axis}.range[0]`] !== undefined) zoom[axis] = [event[`${axis}.range[0]`], event[`${axis}.range[1]`]];
+      else if (Array.isArray(event[`${axis}.range`])) zoom[axis] = event[`${axis}.range`].slice();
     }
   });
   return div;
