@@ -126,7 +126,8 @@ def open_tab(driver: Any, server: TensorBoardServer, timeout: float = 90, runs: 
         wait_ready(driver, timeout)
         if runs is not None:
             driver.execute_script(
-                "for (const i of document.querySelectorAll('#run-selector input')) i.checked = arguments[0].includes(i.value);"
+                "for (const i of document.querySelectorAll('#run-selector input'))"
+                " i.checked = arguments[0].includes(i.value);"
                 "document.querySelector('#run-selector input').dispatchEvent(new Event('change'));",
                 runs,
             )
@@ -171,17 +172,25 @@ def plot(driver: Any, selector: str) -> dict[str, Any] | None:
         "const d = document.querySelector(arguments[0]); return d && d.data ? "
         "{data: d.data.map((t) => ({name: t.name, x: t.x, y: t.y, z: t.z || null, meta: t.meta || null,"
         " colour: t.line ? t.line.color : null, ticktext: t.colorbar ? t.colorbar.ticktext || null : null})),"
-        " yaxis: d._fullLayout.yaxis.type, yrange: d._fullLayout.yaxis.range, xrange: d._fullLayout.xaxis.range} : null",
+        " yaxis: d._fullLayout.yaxis.type, yrange: d._fullLayout.yaxis.range,"
+        " xrange: d._fullLayout.xaxis.range} : null",
         selector,
     )
 
 
-def report_times(driver: Any, what: str, seconds: float | None = None) -> None:
+@pytest.fixture(scope="module")
+def say(pytestconfig: pytest.Config) -> Any:
+    """Print past pytest's capture (the draw times belong in the test log)."""
+    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
+    return lambda line: reporter.write_line(line) if reporter else None
+
+
+def report_times(driver: Any, say: Any, what: str, seconds: float | None = None) -> None:
     """Print the tab's own draw times (ms per run, and its first screen) for the report."""
     with in_tab(driver):
         ms = driver.execute_script("const s = window.__paramMonitorState; return [s.drawMs, s.firstScreenMs]")
     opened = f"; opened and drawn in {seconds:.2f} s" if seconds is not None else ""
-    sys.__stdout__.write(f"\n[draw times] {what}: first screen {ms[1]} ms, per run {ms[0]}{opened}\n")
+    say(f"[draw times] {what}: first screen {ms[1]} ms, per run {ms[0]}{opened}")
 
 
 # -- overlapping text, at the sizes people use -----------------------------------------------
@@ -190,7 +199,8 @@ OVERLAP_JS = """
 const visible = (r) => r.width > 0.5 && r.height > 0.5 && r.bottom > 0 && r.top < innerHeight && r.right > 0
   && r.left < innerWidth;
 const shown = (node) => { for (let n = node; n && n.nodeType === 1; n = n.parentNode) {
-  const s = getComputedStyle(n); if (s.display === 'none' || s.visibility === 'hidden' || s.opacity === '0') return false; }
+  const s = getComputedStyle(n);
+  if (s.display === 'none' || s.visibility === 'hidden' || s.opacity === '0') return false; }
   return true; };
 const boxes = [];
 const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
@@ -210,7 +220,8 @@ for (let t = walker.nextNode(); t; t = walker.nextNode()) {
 const out = [];
 for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
   const [a, ta] = boxes[i], [b, tb] = boxes[j];
-  const dx = Math.min(a.right, b.right) - Math.max(a.left, b.left), dy = Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top);
+  const dx = Math.min(a.right, b.right) - Math.max(a.left, b.left);
+  const dy = Math.min(a.bottom, b.bottom) - Math.max(a.top, b.top);
   if (dx > 2 && dy > 2) out.push([ta, tb, Math.round(dx), Math.round(dy)]);
 }
 return {count: boxes.length, overlaps: out.slice(0, 20)};
@@ -226,19 +237,20 @@ def albert_bands_oracle(logged: dict[str, dict[int, float]], tensors: list[str],
         row = []
         for step in steps:
             g2 = {t: logged[f"grad_norm/{t}"][step] ** 2 for t in tensors}
-            row.append(sum(logged[f"shared_grad_share/{t}/{sites[t][k]}"][step] * g2[t] for t in tensors) / sum(g2.values()))
+            weighted = sum(logged[f"shared_grad_share/{t}/{sites[t][k]}"][step] * g2[t] for t in tensors)
+            row.append(weighted / sum(g2.values()))
         bands.append(row)
     return bands
 
 
 @pytest.mark.parametrize("size", [(1280, 800), (1920, 1080)])
 def test_first_screen_of_the_albert_like_run_shows_every_group_and_no_text_overlaps(
-    driver: Any, server: TensorBoardServer, logs: Logs, size: tuple[int, int]
+    driver: Any, server: TensorBoardServer, logs: Logs, say: Any, size: tuple[int, int]
 ) -> None:
     fit_viewport(driver, *size)
     try:
         seconds = open_tab(driver, server, runs=[ALBERT])
-        report_times(driver, f"ALBERT-like run at {size[0]}x{size[1]}", seconds)
+        report_times(driver, say, f"ALBERT-like run at {size[0]}x{size[1]}", seconds)
         with in_tab(driver):
             cards = driver.execute_script(
                 "return [...document.querySelectorAll('.card.group')].map((c) => [c.dataset.group,"
@@ -269,19 +281,22 @@ def test_the_tab_is_listed(driver: Any) -> None:
     no_console_errors(driver)
 
 
-def test_error_and_cosine_are_separate_charts_with_their_own_axes(driver: Any, server: TensorBoardServer, logs: Logs) -> None:
+def test_error_and_cosine_are_separate_charts_with_their_own_axes(
+    driver: Any, server: TensorBoardServer, logs: Logs
+) -> None:
     open_tab(driver, server, runs=[TIED])
     with in_tab(driver):
         error = plot(driver, '.card.group[data-group="model.net.3"] .plot.error')
         cosine = plot(driver, '.card.group[data-group="model.net.3"] .plot.cosine')
         mark = driver.execute_script("return document.querySelector('.card.group .mark').textContent")
     logged = logs.scalars(TIED)
-    errors = {s: max(logged[f"shared_grad_error/{t}"][s] for t in (MLP_SHARED, "model.net.3.bias")) for s in error["data"][0]["x"]}
+    group = (MLP_SHARED, "model.net.3.bias")
+    errors = {s: max(logged[f"shared_grad_error/{t}"][s] for t in group) for s in error["data"][0]["x"]}
     # its own chart and axis: log where an error is above 0 (a log axis cannot draw an exact 0)
     assert error["yaxis"] == ("log" if any(e > 0 for e in errors.values()) else "linear")
     assert error["data"][0]["y"] == pytest.approx(list(errors.values()), rel=1e-6, abs=1e-12)
     assert cosine["yaxis"] == "linear" and cosine["yrange"] == [-1.05, 1.05]
-    means = [np.mean([logged[f"shared_grad_cosine/{t}"][s] for t in (MLP_SHARED, "model.net.3.bias")]) for s in cosine["data"][0]["x"]]
+    means = [np.mean([logged[f"shared_grad_cosine/{t}"][s] for t in group]) for s in cosine["data"][0]["x"]]
     assert cosine["data"][0]["y"] == pytest.approx(means, rel=1e-6)
     assert mark.startswith("✓ every use seen")
 
@@ -308,7 +323,8 @@ def test_opening_a_group_shows_each_tensors_stack_adding_up_to_its_gradient_norm
     for j, step in enumerate(steps):
         assert sum(t["y"][j] for t in uses) == pytest.approx(grad[step], rel=1e-5), f"stack top at step {step}"
         for t, site in zip(uses, MLP_SITES, strict=True):
-            assert t["y"][j] == pytest.approx(logged[f"shared_grad_share/{MLP_SHARED}/{site}"][step] * grad[step], rel=1e-5)
+            share = logged[f"shared_grad_share/{MLP_SHARED}/{site}"][step]
+            assert t["y"][j] == pytest.approx(share * grad[step], rel=1e-5)
     by_name = {t["name"]: t["y"] for t in norms["data"]}
     for site in MLP_SITES:
         assert by_name[site] == pytest.approx([logged[f"shared_grad/{MLP_SHARED}/{site}"][s] for s in steps], rel=1e-6)
@@ -354,7 +370,8 @@ def test_update_ratio_and_dead_units_heatmaps_equal_the_event_files(
 ) -> None:
     open_tab(driver, server, runs=[ALBERT])
     with in_tab(driver):
-        driver.execute_script(f"{column(ALBERT)}.querySelector('.metric-buttons button[data-metric=\"{metric}\"]').click()")
+        button = f".metric-buttons button[data-metric='{metric}']"
+        driver.execute_script(f"{column(ALBERT)}.querySelector(arguments[0]).click()", button)
         heat = wait_until(lambda: (h := heatmap(driver, ALBERT)) and h["metric"] == metric and h, 20, metric)
         if os.environ.get("PARAM_MONITOR_TAB_DOCS") and metric == "update_ratio":
             driver.execute_script("document.querySelector('section.health').scrollIntoView({block: 'start'})")
@@ -366,10 +383,8 @@ def test_update_ratio_and_dead_units_heatmaps_equal_the_event_files(
     assert [label.split(" ")[0] for label in heat["y"]] == names  # model order
     for i, name in enumerate(names):
         values = [logged[f"{metric}/{name}"].get(s) for s in heat["x"]]
-        expected = [
-            None if v is None or (metric == "update_ratio" and v <= 0) else (math.log10(v) if metric == "update_ratio" else v)
-            for v in values
-        ]
+        log = metric == "update_ratio"  # the registry's scale: log for ratios, linear for fractions
+        expected = [None if v is None or (log and v <= 0) else (math.log10(v) if log else v) for v in values]
         assert [z is None for z in heat["z"][i]] == [e is None for e in expected], name
         drawn = [(z, e) for z, e in zip(heat["z"][i], expected, strict=True) if e is not None]
         assert [z for z, _ in drawn] == pytest.approx([e for _, e in drawn], rel=1e-6, abs=1e-9), name
@@ -422,7 +437,8 @@ def test_a_run_without_a_logged_step_says_why_and_draws_no_empty_axes(driver: An
     with in_tab(driver):
         page = driver.execute_script(
             f"const c = {column(NO_STEP)}; return {{note: c.querySelector('.empty.no-step').textContent,"
-            " plots: c.querySelectorAll('.plot').length, groups: [...c.querySelectorAll('.card.group')].map((g) => g.dataset.group),"
+            " plots: c.querySelectorAll('.plot').length,"
+            " groups: [...c.querySelectorAll('.card.group')].map((g) => g.dataset.group),"
             " table: c.querySelectorAll('table.params tbody tr').length}"
         )
     assert "No step logged yet" in page["note"] and "log_every_n_steps=10" in page["note"]
@@ -441,7 +457,8 @@ def click_heatmap_row(driver: Any, run: str, row: int) -> None:
         return [drag, Math.round(box.width / 2), Math.round(y)];"""
     )
     size = drag.size
-    ActionChains(driver).move_to_element_with_offset(drag, x - size["width"] // 2, y - size["height"] // 2).click().perform()
+    offset = (x - size["width"] // 2, y - size["height"] // 2)
+    ActionChains(driver).move_to_element_with_offset(drag, *offset).click().perform()
 
 
 def row_charts(driver: Any, run: str) -> dict[str, Any] | None:
@@ -454,7 +471,9 @@ def row_charts(driver: Any, run: str) -> dict[str, Any] | None:
     )
 
 
-def test_clicking_a_heatmap_row_opens_a_small_chart_per_family(driver: Any, server: TensorBoardServer, logs: Logs) -> None:
+def test_clicking_a_heatmap_row_opens_a_small_chart_per_family(
+    driver: Any, server: TensorBoardServer, logs: Logs
+) -> None:
     open_tab(driver, server, runs=[TIED])
     with in_tab(driver):
         click_heatmap_row(driver, TIED, 4)  # model.net.9.weight
@@ -484,8 +503,10 @@ def test_filter_scale_and_smoothing_act_on_the_open_row(driver: Any, server: Ten
     with in_tab(driver):
         click_heatmap_row(driver, TIED, 4)
         wait_until(lambda: row_charts(driver, TIED), 20, "the row's charts")
-        driver.execute_script(f"{column(TIED)}.querySelector('.chart[data-key=\"row:grad_norm\"] button.scale').click()")
-        linear = wait_until(lambda: (r := row_charts(driver, TIED)) and r["charts"]["grad_norm"]["type"] == "linear", 10, "linear")
+        scale = ".chart[data-key='row:grad_norm'] .scale"
+        driver.execute_script(f"{column(TIED)}.querySelector(arguments[0]).click()", scale)
+        is_linear = lambda: (r := row_charts(driver, TIED)) and r["charts"]["grad_norm"]["type"] == "linear"  # noqa: E731
+        linear = wait_until(is_linear, 10, "the linear axis")
         slider = driver.find_element("id", "smoothing")
         driver.execute_script("arguments[0].value = '0.6'; arguments[0].dispatchEvent(new Event('change'))", slider)
         time.sleep(0.3)
@@ -516,7 +537,8 @@ def test_csv_and_json_downloads_hold_the_logged_values(driver: Any, server: Tens
             "URL.createObjectURL = (b) => { window.__blobs.push(b); return make(new Blob([])); };"
         )
         for kind in ("csv", "json"):
-            driver.execute_script(f"{column(TIED)}.querySelector('.chart[data-key=\"group:model.net.3:bands\"] button.{kind}').click()")
+            button = f".chart[data-key='group:model.net.3:bands'] button.{kind}"
+            driver.execute_script(f"{column(TIED)}.querySelector(arguments[0]).click()", button)
         texts = driver.execute_async_script(
             "const done = arguments[0]; Promise.all(window.__blobs.map((b) => b.text())).then(done)"
         )
@@ -543,7 +565,8 @@ def test_reload_keeps_zoom_filter_scale_and_open_groups(driver: Any, server: Ten
     open_tab(driver, server, runs=[ALBERT])
     with in_tab(driver):
         driver.execute_script(
-            "const d = document.querySelector('.plot.bands[data-group=\"layer\"]'); Plotly.relayout(d, {'xaxis.range': [3, 9]});"
+            "const d = document.querySelector('.plot.bands[data-group=\"layer\"]');"
+            "Plotly.relayout(d, {'xaxis.range': [3, 9]});"
             "document.querySelector('.card.group[data-group=\"layer\"] .open-group').click();"
         )
         wait_until(lambda: plot(driver, ".tensor-view .plot.stack"), 20, "the open group")
@@ -567,11 +590,14 @@ def test_reload_keeps_zoom_filter_scale_and_open_groups(driver: Any, server: Ten
 def test_runs_overlaid_draw_one_colour_per_run(driver: Any, server: TensorBoardServer, logs: Logs) -> None:
     open_tab(driver, server, runs=[TIED, UNTIED])
     with in_tab(driver):
-        driver.execute_script("const s = document.getElementById('layout'); s.value = 'overlay'; s.dispatchEvent(new Event('change'))")
+        driver.execute_script(
+            "const s = document.getElementById('layout'); s.value = 'overlay'; s.dispatchEvent(new Event('change'))"
+        )
         time.sleep(0.3)
         wait_ready(driver)
         click_heatmap_row(driver, TIED, 0)
-        chart = wait_until(lambda: plot(driver, '.compare .plot.row[data-metric="grad_norm"]'), 20, "the overlaid chart")
+        overlaid = '.compare .plot.row[data-metric="grad_norm"]'
+        chart = wait_until(lambda: plot(driver, overlaid), 20, "the overlaid chart")
     name = "model.net.1.weight"
     assert [t["name"] for t in chart["data"]] == [TIED, UNTIED]
     assert len({t["colour"] for t in chart["data"]}) == 2
@@ -607,9 +633,9 @@ def test_parameter_table_lists_the_model(driver: Any, server: TensorBoardServer)
     assert shared == [MLP_SHARED, "8×8", "64", "model.net.6.weight", ", ".join(MLP_SITES)]
 
 
-def test_overview_screenshot_and_no_console_error(driver: Any, server: TensorBoardServer) -> None:
+def test_overview_screenshot_and_no_console_error(driver: Any, server: TensorBoardServer, say: Any) -> None:
     seconds = open_tab(driver, server, runs=[ALBERT, TIED])
-    report_times(driver, "ALBERT-like and the exercise's run side by side", seconds)
+    report_times(driver, say, "ALBERT-like and the exercise's run side by side", seconds)
     if os.environ.get("PARAM_MONITOR_TAB_DOCS"):
         time.sleep(0.5)
         driver.save_screenshot(str(DOCS / "tab_overview.png"))
@@ -625,26 +651,23 @@ BIG_TENSORS, BIG_STEPS = 1000, 200
 def big(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TensorBoardServer, Path]]:
     root = tmp_path_factory.mktemp("big_logs")
     write_synthetic_run(root / "big", BIG_TENSORS, BIG_STEPS)
+    route = "/data/plugin/param_monitor/heatmap?run=big&metric=grad_norm"
     for tb in serve_until_listed(root, tmp_path_factory.mktemp("big_tb"), 1):
         # TensorBoard reads in the background: wait until it has read every step of the run
-        wait_until(
-            lambda: len((tb.get_json("/data/plugin/param_monitor/heatmap?run=big&metric=grad_norm") or {}).get("steps", []))
-            == BIG_STEPS,
-            300,
-            "the 1,000-tensor run",
-            interval=2,
-        )
+        wait_until(lambda s=tb: len((s.get_json(route) or {}).get("steps", [])) == BIG_STEPS, 300, "the run", 2)
         yield tb, root / "big"
 
 
-def test_the_1000_tensor_run_draws_every_row_in_model_order(big: tuple[TensorBoardServer, Path]) -> None:
+def test_the_1000_tensor_run_draws_every_row_in_model_order(big: tuple[TensorBoardServer, Path], say: Any) -> None:
     server, run_dir = big
     with chromium(1280, 800) as driver:
         seconds = open_tab(driver, server, timeout=180)
-        report_times(driver, "1,000-tensor run at 1280x800", seconds)
+        report_times(driver, say, "1,000-tensor run at 1280x800", seconds)
         with in_tab(driver):
             heat = heatmap(driver, "big")
-            groups = driver.execute_script("return [...document.querySelectorAll('.card.group')].map((c) => c.dataset.group)")
+            groups = driver.execute_script(
+                "return [...document.querySelectorAll('.card.group')].map((c) => c.dataset.group)"
+            )
             overlaps = driver.execute_script(OVERLAP_JS)
         no_console_errors(driver)
     assert [label.split(" ")[0] for label in heat["y"]] == synthetic_names(BIG_TENSORS)
