@@ -18,6 +18,7 @@ Framework-light: it needs a writer with ``_get_file_writer().add_summary`` (torc
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -199,3 +200,24 @@ def _joins(group: dict[str, Any], name: str, sig: tuple[str, ...], position: Map
         return False
     a, b = position.get(group["last"]), position.get(name)
     return a is None or b is None or b == a + 1  # no unshared parameter between them
+
+
+def row_order(names: Iterable[str], parameters: Sequence[str]) -> list[str]:
+    """Heatmap rows in model order; per-site rows (``layer#3``, ``head:1``) after their module's
+    position, calls in call order (``#2`` before ``#10``).
+
+    >>> row_order(["b#10", "b#2", "a.weight", "b"], ["a.weight", "b.weight"])
+    ['a.weight', 'b', 'b#2', 'b#10']
+    """
+    by_module = model_order({_site_module(n) for n in names}, parameters)
+    rank = {m: i for i, m in enumerate(by_module)}
+    return sorted(names, key=lambda n: (rank[_site_module(n)], _site_index(n), n))
+
+
+def _site_module(site: str) -> str:
+    return re.split(r"[#:]\d+$", site, maxsplit=1)[0]
+
+
+def _site_index(site: str) -> int:
+    match = re.search(r"[#:](\d+)$", site)
+    return -1 if match is None else int(match.group(1))

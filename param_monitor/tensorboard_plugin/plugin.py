@@ -33,7 +33,8 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import math
-import re
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -48,7 +49,7 @@ from werkzeug import Request, Response
 
 from param_monitor import tags
 from param_monitor.tensorboard_plugin import health
-from param_monitor.tensorboard_plugin.metadata import model_order, parse_run_metadata, shared_groups
+from param_monitor.tensorboard_plugin.metadata import model_order, parse_run_metadata, row_order, shared_groups
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: The only files served from ``static/`` (anything else, ``..`` included, is a 404).
@@ -63,6 +64,12 @@ MAX_COLUMNS = 240
 MAX_LINE_POINTS = 1000
 #: Points asked of the data provider per tag (it keeps a reservoir of 1,000 scalars by default).
 READ_LIMIT = 100_000
+#: Seconds a family's values read for one route serve the next: the heatmap and the health list
+#: that the tab asks for at once read ``grad_norm`` once (1,000 tensors: about 1 s each read).
+CACHE_SECONDS = 5.0
+_cache: dict[tuple[Any, ...], tuple[float, dict[str, dict[int, float]]]] = {}
+_cache_locks: dict[tuple[Any, ...], threading.Lock] = {}
+_cache_guard = threading.Lock()
 #: Only the first ``MAX_GROUP_USES`` uses of a group are drawn as bands (a Mixtral layer: 8 experts).
 MAX_GROUP_USES = 64
 SCALARS_PLUGIN = "scalars"
@@ -164,6 +171,27 @@ class _Reader:
             run_tag_filter=provider.RunTagFilter(runs=[run], tags=list(tag_names)),
         )
         return {tag: {d.step: _value(d.value) for d in points} for tag, points in data.get(run, {}).items()}
+
+    def family_rows(self, run: str, family: str, names: Sequence[str]) -> dict[str, dict[int, float]]:
+        """``{name: {step: value}}`` of ``{family}/{name}``, shared for ``CACHE_SECONDS`` between the
+        routes that need the same family (one read; a request arriving during it waits for it)."""
+        key = (self.provider, self.eid, run, family, tuple(names))  # the provider itself: ids are reused
+        with _cache_guard:
+            lock = _cache_locks.setdefault(key, threading.Lock())
+        with lock:
+            now = time.monotonic()
+            hit = _cache.get(key)
+            if hit is not None and now - hit[0] < CACHE_SECONDS:
+                return hit[1]
+            data = self.scalars(run, [f"{family}/{n}" for n in names])
+            rows = {n: data.get(f"{family}/{n}", {}) for n in names}
+            with _cache_guard:
+                for stale in [k for k, (t, _) in _cache.items() if now - t >= CACHE_SECONDS]:
+                    del _cache[stale]
+                    if stale != key and not _cache_locks[stale].locked():
+                        del _cache_locks[stale]
+                _cache[key] = (now, rows)
+            return rows
 
     def last_tensor(self, plugin_name: str, run: str | None, tag: str) -> dict[str, Any]:
         """``{run: last TensorDatum}`` of ``tag`` (one run, or all)."""
@@ -360,8 +388,7 @@ class ParamMonitorPlugin(base_plugin.TBPlugin):
             return http_util.Respond(request, why, "text/plain", code=400)
         _, order = self._structure(reader, run)
         names = row_order(_suffixes(reader.scalar_tags(run).get(run, []), metric), order)
-        data = reader.scalars(run, [f"{metric}/{n}" for n in names])
-        rows = {n: data.get(f"{metric}/{n}", {}) for n in names}
+        rows = reader.family_rows(run, metric, names)
         steps, values, sources = bin_rows(rows, MAX_COLUMNS)
         return {"run": run, "metric": metric, "rows": names, "steps": steps, "values": values, "cell_steps": sources}
 
@@ -383,9 +410,8 @@ class ParamMonitorPlugin(base_plugin.TBPlugin):
         _, order = self._structure(reader, run)
         tag_names = reader.scalar_tags(run).get(run, [])
         families = (tags.GRAD_NORM, tags.UPDATE_RATIO, tags.DEAD_UNITS)
-        names = {m: _suffixes(tag_names, m) for m in families}
-        data = reader.scalars(run, [f"{m}/{n}" for m in families for n in names[m]])
-        rows = {m: {n: data.get(f"{m}/{n}", {}) for n in names[m]} for m in families}
+        names = {m: row_order(_suffixes(tag_names, m), order) for m in families}
+        rows = {m: reader.family_rows(run, m, names[m]) for m in families}  # the heatmaps' reads, shared
         every = row_order(set().union(*names.values()), order)
         findings = health.layers_to_look_at(rows[tags.GRAD_NORM], rows[tags.UPDATE_RATIO], rows[tags.DEAD_UNITS], every)
         return {
@@ -399,27 +425,6 @@ class ParamMonitorPlugin(base_plugin.TBPlugin):
                 "recent": health.RECENT,
             },
         }
-
-
-def row_order(names: Iterable[str], parameters: Sequence[str]) -> list[str]:
-    """Heatmap rows in model order; per-site rows (``layer#3``, ``head:1``) after their module's
-    position, calls in call order (``#2`` before ``#10``).
-
-    >>> row_order(["b#10", "b#2", "a.weight", "b"], ["a.weight", "b.weight"])
-    ['a.weight', 'b', 'b#2', 'b#10']
-    """
-    by_module = model_order({_site_module(n) for n in names}, parameters)
-    rank = {m: i for i, m in enumerate(by_module)}
-    return sorted(names, key=lambda n: (rank[_site_module(n)], _site_index(n), n))
-
-
-def _site_module(site: str) -> str:
-    return re.split(r"[#:]\d+$", site, maxsplit=1)[0]
-
-
-def _site_index(site: str) -> int:
-    match = re.search(r"[#:](\d+)$", site)
-    return -1 if match is None else int(match.group(1))
 
 
 def run_status(meta: dict[str, Any] | None, listing: Mapping[str, int]) -> dict[str, Any]:
@@ -456,13 +461,14 @@ def _suffixes(tag_names: Iterable[str], metric: str) -> list[str]:
 
 
 def _shared_from_tags(tag_names: Iterable[str]) -> dict[str, list[str]]:
-    """Shared parameters and sites from ``shared_grad/{name}/{site}`` tags (runs without metadata)."""
+    """Shared parameters and sites from ``shared_grad/{name}/{site}`` tags (runs without metadata),
+    sites in call order (``#2`` before ``#10``)."""
     shared: dict[str, list[str]] = {}
     for tag in sorted(tag_names):
         if tag.startswith(f"{tags.SHARED_GRAD}/"):
             name, site = tags.split_shared(tag)
             shared.setdefault(name, []).append(site)
-    return shared
+    return {name: row_order(sites, []) for name, sites in shared.items()}
 
 
 def _shared_view(reader: _Reader, run: str, name: str, sites: Sequence[str], tag_names: set[str]) -> dict[str, Any]:

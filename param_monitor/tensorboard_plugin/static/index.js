@@ -39,8 +39,13 @@ function runContext(run) {
 async function fetchRun(run) {
   const data = state.data[run] || (state.data[run] = {});
   if (!data.info) {
+    // the heatmap the reader last chose (grad_norm at first) is fetched at once, not after the run's
+    // description: on 1,000 tensors each read takes about a second
+    const metric = state.metric[run] || 'grad_norm';
+    data.heatmaps = {};
+    const early = getJson('heatmap', {run, metric}).then((h) => { data.heatmaps[metric] = h; }, () => null);
     [data.info, data.groups, data.health] = await Promise.all(
-      [getJson('run', {run}), getJson('groups', {run}), getJson('health', {run})]);
+      [getJson('run', {run}), getJson('groups', {run}), getJson('health', {run}), early]);
   }
   return data;
 }
