@@ -6,6 +6,7 @@ Every value served is compared with what TensorBoard's reader reads from the eve
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib
 import importlib.metadata
@@ -415,3 +416,24 @@ def test_the_heatmap_and_the_health_list_read_grad_norm_once(logdir: Path, monke
     monkeypatch.setattr(plugin, "CACHE_SECONDS", 0.0)  # stale: read again (a run being written)
     get(client, "/heatmap", run=TINY, metric=tags.GRAD_NORM)
     assert len([r for r in reads if r and r[0].startswith("grad_norm/")]) == 2
+
+
+def write_metadata_run(run_dir: Path, rows: list[ParameterInfo], shared: dict[str, list[str]]) -> None:
+    with SummaryWriter(str(run_dir)) as writer:
+        write_run_metadata(writer, rows, shared, 0)
+        write_scalars(writer, {f"grad_norm/{r.name}": 1.0 for r in rows}, 0)
+
+
+def test_tracking_off_and_a_single_use_alias_are_told_apart(tmp_path: Path) -> None:
+    """Tracking off: no call sites anywhere. A tied alias used once: call sites known, one of them."""
+    tied = ("head.weight",)
+    write_metadata_run(tmp_path / "off", [ParameterInfo("emb.weight", (4, 2), 8, True, tied)], {})
+    emb, other = ParameterInfo("emb.weight", (4, 2), 8, True, tied, ("emb",)), ParameterInfo("x.weight", (2,), 2, True)
+    rows = [emb, dataclasses.replace(other, call_sites=("x",))]
+    write_metadata_run(tmp_path / "alias", rows, {})
+    app = Client(wsgi_app(tmp_path))
+    off = get(app, "/run", run="off")["status"]
+    assert off["tracking"] is False and off["single_use_aliases"] == []
+    alias = get(app, "/run", run="alias")["status"]
+    assert alias["tracking"] is True
+    assert alias["single_use_aliases"] == [{"name": "emb.weight", "aliases": list(tied), "sites": ["emb"]}]

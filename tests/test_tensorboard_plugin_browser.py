@@ -10,7 +10,7 @@ page (plotly's own trace data on each chart) and compared with the event files; 
 TensorBoard finds the tab through the package's ``tensorboard_plugins`` entry point once
 ``pip install -e .`` registered it; before that (a checkout whose venv was installed from another
 copy), through ``tests/tensorboard_launcher.py``. Set ``PARAM_MONITOR_TAB_DOCS=1`` to write the
-screenshots of docs/tab.md (docs/tab_overview.png, docs/tab_health.png, docs/tab_group.png).
+screenshots of docs/tab.md (docs/tab.png, docs/tab_health.png, docs/tab_group.png).
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pytest
-from browser_support import (
+if __name__ == "__main__":  # run as a script (the screenshot below): the repository root for `tests.helpers`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from browser_support import (  # noqa: E402
     TensorBoardServer,
     chromium,
     fit_viewport,
@@ -638,7 +641,7 @@ def test_overview_screenshot_and_no_console_error(driver: Any, server: TensorBoa
     report_times(driver, say, "ALBERT-like and the exercise's run side by side", seconds)
     if os.environ.get("PARAM_MONITOR_TAB_DOCS"):
         time.sleep(0.5)
-        driver.save_screenshot(str(DOCS / "tab_overview.png"))
+        driver.save_screenshot(str(DOCS / "tab.png"))
     no_console_errors(driver)
 
 
@@ -677,3 +680,21 @@ def test_the_1000_tensor_run_draws_every_row_in_model_order(big: tuple[TensorBoa
         for j in (0, len(heat["x"]) // 2, len(heat["x"]) - 1):
             assert heat["z"][i][j] == pytest.approx(math.log10(logged[f"grad_norm/{name}"][heat["x"][j]]), abs=1e-6)
     assert groups == ["model.blocks.0"] and overlaps["overlaps"] == [], overlaps
+
+
+def screenshot_logdir(logdir: Path, png: Path, width: int = 1600, height: int = 1100) -> None:
+    """Serve ``logdir`` with the tab and save the tab's first screen (every run selected)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as work, plugin_server(logdir, Path(work)) as server:
+        wait_until(lambda: server.check_alive() or server.get_json("/data/plugin/param_monitor/runs"), 60, "runs")
+        with chromium(width, height) as driver:
+            open_tab(driver, server)
+            time.sleep(1.0)
+            driver.save_screenshot(str(png))
+
+
+if __name__ == "__main__":
+    # python tests/test_tensorboard_plugin_browser.py LOGDIR OUT.png [WIDTH HEIGHT]
+    size = [int(v) for v in sys.argv[3:5]] or [1600, 1100]
+    screenshot_logdir(Path(sys.argv[1]), Path(sys.argv[2]), *size)
