@@ -327,7 +327,7 @@ def summary_figure(series: dict[str, Series] | Run, title: str = "") -> Figure:
     run = series if isinstance(series, Run) else Run(series, [], {})
     scalars = run.scalars
     fig = plt.figure(figsize=(14, 20))
-    grid = fig.add_gridspec(5, 2, height_ratios=[1, 1, 1, 1, 0.55])
+    grid = fig.add_gridspec(5, 2, height_ratios=[1, 1, 1, 1, 0.35])
     axes = np.array([[fig.add_subplot(grid[r, c]) for c in range(2)] for r in range(3)])
     _plot_lines(axes[0, 0], _with_prefix(scalars, "weight_mean/"), "weight mean per layer", NO_MONITOR)
     _plot_lines(axes[0, 1], _with_prefix(scalars, "grad_norm/"), "gradient norm per layer", NO_MONITOR)

@@ -337,7 +337,8 @@ def test_opening_a_group_shows_each_tensors_stack_adding_up_to_its_gradient_norm
 HEATMAP_JS = """
 const div = COLUMN.querySelector('.plot.heatmap');
 if (!div || !div.data) return null;
-return {y: div.data[0].y, x: div.data[0].x, z: div.data[0].z, special: div.data[1].z, metric: div.dataset.metric,
+return {y: div.data[0].y, x: div.data[0].x, z: div.data[0].z, special: div.data[1] ? div.data[1].z : null,
+        metric: div.dataset.metric,
         ticktext: div.data[0].colorbar.ticktext || null, images: div.querySelectorAll('.heatmaplayer image').length};
 """
 

@@ -12,14 +12,16 @@ import {familySpec, getJson, heatmapFamilies, runColour} from './model.js';
 import {drawGroups, drawHealth, drawHeatmap, drawRow, drawTable, el, note, statusNotes} from './views.js';
 
 const REFRESH_SECONDS = 30;
+const started = performance.now();
 
 const state = {
   runs: [], selected: [], families: [], filter: '', smoothing: 0, layout: 'side', autoRefresh: true,
   metric: {}, data: {}, zoom: {}, scales: {}, openGroups: {}, openTensor: {}, openRow: {}, compareRow: null,
-  ready: false, errors: [], drawMs: {}, firstScreenMs: null, refreshes: 0,
+  ready: false, errors: [], drawMs: {}, firstScreenMs: null, refreshes: 0, marks: {},
 };
+// milliseconds since the module started, of the first time each step of the first screen was reached
+const mark = (name) => { if (!(name in state.marks)) state.marks[name] = Math.round(performance.now() - started); };
 window.__paramMonitorState = state;
-const started = performance.now();
 
 function runContext(run) {
   for (const key of ['zoom', 'scales', 'openTensor']) state[key][run] = state[key][run] || {};
@@ -36,18 +38,24 @@ function runContext(run) {
   };
 }
 
-async function fetchRun(run) {
+// A run's first-screen data, fetched once (the promise is kept: render() starts it while plotly.js
+// loads, and drawRun() waits for the same fetch).
+function fetchRun(run) {
   const data = state.data[run] || (state.data[run] = {});
-  if (!data.info) {
+  if (!data.loading) {
     // the heatmap the reader last chose (grad_norm at first) is fetched at once, not after the run's
     // description: on 1,000 tensors each read takes about a second
     const metric = state.metric[run] || 'grad_norm';
     data.heatmaps = {};
-    const early = getJson('heatmap', {run, metric}).then((h) => { data.heatmaps[metric] = h; }, () => null);
-    [data.info, data.groups, data.health] = await Promise.all(
-      [getJson('run', {run}), getJson('groups', {run}), getJson('health', {run}), early]);
+    const early = getJson('heatmap', {run, metric}).then((h) => { data.heatmaps[metric] = h; mark('heatmap fetched'); },
+      () => null);
+    const timed = (route, name) => getJson(route, {run}).then((r) => { mark(name); return r; });
+    data.loading = Promise.all(
+      [timed('run', 'run fetched'), timed('groups', 'groups fetched'), timed('health', 'health fetched'), early],
+    ).then(([info, groups, health]) => Object.assign(data, {info, groups, health}));
+    data.loading.catch(() => { data.loading = null; });  // a failed fetch is tried again on the next draw
   }
-  return data;
+  return data.loading;
 }
 
 async function heatmapData(run, metric) {
@@ -113,8 +121,10 @@ async function drawRun(column, run) {
     const heatmapDone = drawHeatmapSection(heat, run, info, ctx);
     if (info.status.steps_logged) drawHealth(health, data.health, ctx, (name) => pickRow(run, name));
     else health.append(note('Nothing to check before the first logged step.'));
-    drawTable(table, info, ctx);
-    await Promise.all([drawGroups(groups, info, data.groups.groups, ctx), heatmapDone]);
+    await Promise.all([drawGroups(groups, info, data.groups.groups, ctx).then(() => mark('groups drawn')),
+      heatmapDone.then(() => mark('heatmap drawn'))]);
+    drawTable(table, info, ctx);  // below the first screen: after it (1,000 rows)
+    mark('table drawn');
   } catch (error) {
     state.errors.push(String(error));
     column.append(el('p', {class: 'error'}, String(error)));
@@ -271,9 +281,15 @@ export async function render() {
       script.onerror = () => reject(new Error('could not load plotly.min.js'));
       document.head.append(script);
     });
-    const [families, runs] = await Promise.all([getJson('families'), getJson('runs'), plotly, styled]);
+    // the runs' data is fetched while plotly.js (3.5 MB) loads: on a big run both take a second or more
+    const runs = getJson('runs').then((r) => {
+      mark('runs fetched');
+      for (const {name} of r.runs) fetchRun(name).catch(() => null);  // errors are shown by drawRun
+      return r;
+    });
+    const [families, listed] = await Promise.all([getJson('families'), runs, plotly.then(() => mark('plotly loaded')), styled]);
     state.families = families.families;
-    state.runs = runs.runs;
+    state.runs = listed.runs;
     state.selected = state.runs.map((r) => r.name);  // all selected, so the tab shows something at once
     drawSelector();
     await drawAll();

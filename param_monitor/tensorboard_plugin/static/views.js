@@ -326,8 +326,10 @@ export function drawHealth(section, data, ctx, onPick) {
     `largest; an update ratio outside ${low}..${high} (median of the last ${data.rules.recent} logged steps); ` +
     `more than ${data.rules.dead_fraction * 100}% of the units dead. Click a name for its charts.`));
   const off = Object.entries(data.checked).filter(([, n]) => !n).map(([m]) => m);
+  const how = {update_ratio: 'ParameterMonitor(log_update_ratio=True)',
+               dead_units: 'ParameterMonitor(log_dead_units=True) or ParameterWatcher(model, dead_units=True)'};
   if (off.length) section.append(note(`Not logged in this run, so not checked: ${off.join(', ')} ` +
-    '(ParameterMonitor(log_update_ratio=True, log_dead_units=True) turns them on).'));
+    `(${off.map((m) => how[m]).filter(Boolean).join('; ')} ${off.length > 1 ? 'turn them' : 'turns it'} on).`));
   if (!shown.length) {
     section.append(el('p', {class: 'all-well'}, data.findings.length ? 'No finding matches the filter.'
       : '✓ Nothing to look at: every checked layer is within the rules.'));
@@ -379,13 +381,14 @@ export function heatmapTraces(info, data, spec, log) {
   const title = log ? `log10 ${spec.name}` : spec.name;
   const hovertemplate = `%{y}<br>step %{customdata[1]}<br>${spec.name} %{customdata[0]:.6g}<extra></extra>`;
   const ygap = y.length > 80 ? 0 : 1;
-  return {names, anySpecial, traces: [
-    {type: 'heatmap', x: data.steps, y, z, customdata: custom, hovertemplate, xgap: 0, ygap, ...colour,
-     colorbar: {title: {text: title, side: 'right'}, thickness: 12, ...ticks}},
-    {type: 'heatmap', x: data.steps, y, z: special, customdata: custom, hovertemplate,
-     colorscale: [[0, ZERO_COLOUR], [1, NONFINITE_COLOUR]], zmin: 0, zmax: 1, showscale: false, ygap,
-     name: 'zero / non-finite', visible: anySpecial},
-  ]};
+  const traces = [{type: 'heatmap', x: data.steps, y, z, customdata: custom, hovertemplate, xgap: 0, ygap, ...colour,
+                   colorbar: {title: {text: title, side: 'right'}, thickness: 12, ...ticks}}];
+  if (anySpecial) {  // a second layer only where there is something to mark (1,000 rows: half the drawing time)
+    traces.push({type: 'heatmap', x: data.steps, y, z: special, customdata: custom, hovertemplate,
+                 colorscale: [[0, ZERO_COLOUR], [1, NONFINITE_COLOUR]], zmin: 0, zmax: 1, showscale: false, ygap,
+                 name: 'zero / non-finite'});
+  }
+  return {names, anySpecial, traces};
 }
 
 export async function drawHeatmap(container, info, data, spec, ctx, onPick) {
