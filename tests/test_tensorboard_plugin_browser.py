@@ -184,8 +184,13 @@ def plot(driver: Any, selector: str) -> dict[str, Any] | None:
 @pytest.fixture(scope="module")
 def say(pytestconfig: pytest.Config) -> Any:
     """Print past pytest's capture (the draw times belong in the test log)."""
-    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
-    return lambda line: reporter.write_line(line) if reporter else None
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def say(line: str) -> None:
+        with capture.global_and_fixture_disabled():
+            print(line, flush=True)
+
+    return say
 
 
 def report_times(driver: Any, say: Any, what: str, seconds: float | None = None) -> None:
@@ -313,7 +318,9 @@ def test_opening_a_group_shows_each_tensors_stack_adding_up_to_its_gradient_norm
         stack = wait_until(lambda: plot(driver, f'.plot.stack[data-param="{MLP_SHARED}"]'), 20, "the stack")
         norms = plot(driver, ".tensor-view .plot.use-norms")
         if os.environ.get("PARAM_MONITOR_TAB_DOCS"):
-            driver.execute_script("document.querySelector('.card.group .details').scrollIntoView({block: 'start'})")
+            driver.execute_script(  # below the sticky header
+                "window.scrollTo(0, document.querySelector('.card.group').getBoundingClientRect().top + scrollY - 50)"
+            )
             time.sleep(0.5)
     if os.environ.get("PARAM_MONITOR_TAB_DOCS"):
         driver.save_screenshot(str(DOCS / "tab_group.png"))
@@ -378,7 +385,10 @@ def test_update_ratio_and_dead_units_heatmaps_equal_the_event_files(
         driver.execute_script(f"{column(ALBERT)}.querySelector(arguments[0]).click()", button)
         heat = wait_until(lambda: (h := heatmap(driver, ALBERT)) and h["metric"] == metric and h, 20, metric)
         if os.environ.get("PARAM_MONITOR_TAB_DOCS") and metric == "update_ratio":
-            driver.execute_script("document.querySelector('section.health').scrollIntoView({block: 'start'})")
+            driver.execute_script(
+                "window.scrollTo(0, document.querySelector('section.health')"
+                ".getBoundingClientRect().top + scrollY - 50)"
+            )
             time.sleep(0.5)
     if os.environ.get("PARAM_MONITOR_TAB_DOCS") and metric == "update_ratio":
         driver.save_screenshot(str(DOCS / "tab_health.png"))

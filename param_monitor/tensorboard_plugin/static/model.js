@@ -45,7 +45,7 @@ const COLOURS = {
   weight_norm: {colorscale: 'Cividis'},
   weight_mean: {colorscale: 'RdBu', reversescale: true, diverging: true},
   // the 1e-3 rule of thumb in the middle of a diverging scale: blue barely moves, red moves a lot
-  update_ratio: {colorscale: 'RdBu', reversescale: true, logMid: -3, logRange: [-6, 0],
+  update_ratio: {colorscale: 'RdBu', logMid: -3, logRange: [-6, 0],  // plotly's RdBu: blue low, red high
                  ticks: {vals: [-5, -4, -3, -2, -1], text: ['1e-5', '1e-4', '1e-3 ← rule of thumb', '1e-2', '0.1']}},
   dead_units: {colorscale: 'Reds', zmin: 0, zmax: 1, ticks: {vals: [0, 0.5, 1], text: ['0', '½ dead', 'all dead']}},
 };

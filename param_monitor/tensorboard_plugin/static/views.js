@@ -35,7 +35,8 @@ export const note = (text, cls = 'note') => el('p', {class: cls}, text);
 export async function chart(parent, spec, ctx) {
   const box = el('div', {class: `chart ${spec.cls || ''}`, 'data-key': spec.key});
   const tools = el('span', {class: 'chart-tools'});
-  box.append(el('div', {class: 'chart-head'}, el('span', {class: 'chart-title'}, spec.title), tools));
+  box.append(el('div', {class: 'chart-head'}, el('span', {class: 'chart-title', title: spec.tooltip || spec.title},
+    spec.title), tools));
   const div = el('div', {class: `plot ${spec.plotCls || ''}`, ...(spec.attrs || {})});
   box.append(div);
   if (spec.note) box.append(note(spec.note));
@@ -49,7 +50,8 @@ export async function chart(parent, spec, ctx) {
     const zoom = ctx.zoom[spec.key] || {};
     const full = {...BASE_LAYOUT, height: spec.height || 200, ...layout};
     // x labels a few pixels lower: the y axis's bottom label and the x axis's first never touch
-    full.xaxis = {ticks: 'outside', ticklen: 5, tickcolor: 'rgba(0,0,0,0)', automargin: true, ...(full.xaxis || {})};
+    full.xaxis = {ticks: 'outside', ticklen: 5, tickcolor: 'rgba(0,0,0,0)', automargin: true, zeroline: false,
+                  ...(full.xaxis || {})};
     full.yaxis = {automargin: true, ...(full.yaxis || {})};
     // a log axis labels its decades only on small charts (no crowded 2, 3, 5 minor labels)
     if (full.yaxis.type === 'log') full.yaxis.nticks = Math.max(3, Math.floor(full.height / 45));
@@ -151,7 +153,7 @@ function seenMark(group) {
   if (group.max_error === null) return el('span', {class: 'mark unknown'}, '? no error logged');
   return group.every_use_seen
     ? el('span', {class: 'mark ok', title: 'the uses add up to the gradient'},
-      `✓ every use seen (largest error ${group.max_error.toExponential(1)})`)
+      `✓ every use seen (largest error ${group.max_error === 0 ? '0' : group.max_error.toExponential(1)})`)
     : el('span', {class: 'mark bad', title: 'a use was not seen: its contribution is missing'},
       `✗ a use missed (error up to ${group.max_error.toExponential(1)})`);
 }
@@ -178,6 +180,13 @@ export async function drawGroups(section, info, groups, ctx) {
   await Promise.all(shown.map((group) => drawGroupCard(grid, group, ctx)));
 }
 
+// Which colour is which use: swatches for a few uses, the ends of the scale for many.
+function useLegend(uses, colours) {
+  if (uses.length > 6) return note(`${uses[0]} (dark) … ${uses[uses.length - 1]} (light)`, 'note legend');
+  return el('p', {class: 'note legend'}, ...uses.map((use, k) => el('span', {class: 'swatch-item'},
+    el('span', {class: 'swatch', style: `background: ${colours[k]}`}), use)));
+}
+
 async function drawGroupCard(grid, group, ctx) {
   const card = el('div', {class: 'card group', 'data-group': group.name});
   grid.append(card);
@@ -198,14 +207,13 @@ async function drawGroupCard(grid, group, ctx) {
                shapes: nonfiniteBands(group.steps, group.nonfinite_steps), hovermode: 'x'},
     }),
   }, ctx);
-  if (group.uses.length > 3) {
-    card.append(note(`${group.uses[0]} (dark) … ${group.uses[group.uses.length - 1]} (light)`, 'note legend'));
-  }
+  card.append(useLegend(group.uses, colours));
   const checks = el('div', {class: 'pair checks'});
   card.append(checks);
   await Promise.all([
     chart(checks, {
-      key: `${key}:error`, title: 'error ‖Σuses−g‖/‖g‖', height: 120,
+      key: `${key}:error`, title: 'error of the split', height: 120,
+      tooltip: '‖Σ uses − grad‖ / ‖grad‖ of the group\'s worst tensor: about 1e-7 when every use is seen',
       scale: group.error.some((v) => finite(v) && v > 0) ? 'log' : 'linear',  // all exactly 0: no log axis
       plotCls: 'error', series: () => [{name: 'error', steps: group.steps, values: group.error}],
       build: (scale) => ({
@@ -216,6 +224,7 @@ async function drawGroupCard(grid, group, ctx) {
     }, ctx),
     chart(checks, {
       key: `${key}:cosine`, title: 'cosine of uses', height: 120, plotCls: 'cosine',
+      tooltip: 'mean pairwise cosine between the uses\' contributions (mean over the group\'s tensors)',
       series: () => [{name: 'cosine', steps: group.steps, values: group.cosine}],
       build: () => ({
         traces: [{x: group.steps, y: gap(group.cosine), type: 'scatter', mode: 'lines', name: 'cosine',
