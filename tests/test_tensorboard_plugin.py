@@ -437,3 +437,12 @@ def test_tracking_off_and_a_single_use_alias_are_told_apart(tmp_path: Path) -> N
     alias = get(app, "/run", run="alias")["status"]
     assert alias["tracking"] is True
     assert alias["single_use_aliases"] == [{"name": "emb.weight", "aliases": list(tied), "sites": ["emb"]}]
+
+
+def test_a_spike_record_is_served_as_safe_html(tmp_path: Path) -> None:
+    """The text record a statistic module writes (``param_monitor/spikes``), shown like the non-finite one."""
+    with SummaryWriter(str(tmp_path / "spiky")) as writer:
+        write_scalars(writer, {"grad_norm/a.weight": 1.0}, 0)
+        writer.add_text(plugin.SPIKES_TAG, "step 7: `a.weight` grad_norm 40x its median <script>x</script>", 7)
+    (record,) = get(Client(wsgi_app(tmp_path)), "/run", run="spiky")["spikes"]
+    assert record["step"] == 7 and "<code>a.weight</code>" in record["html"] and "<script>" not in record["html"]

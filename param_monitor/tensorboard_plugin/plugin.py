@@ -73,6 +73,8 @@ _cache_guard = threading.Lock()
 #: Only the first ``MAX_GROUP_USES`` uses of a group are drawn as bands (a Mixtral layer: 8 experts).
 MAX_GROUP_USES = 64
 SCALARS_PLUGIN = "scalars"
+#: The text record of gradient spikes a statistic module writes (its name in ``tags`` once registered there).
+SPIKES_TAG = getattr(tags, "SPIKES_TAG", "param_monitor/spikes")
 TEXT_PLUGIN = "text"
 
 
@@ -355,6 +357,7 @@ class ParamMonitorPlugin(base_plugin.TBPlugin):
         shared = self._shared_of(meta, tag_names)
         rows = {m: row_order(_suffixes(tag_names, m), order) for m in heatmap_families()}
         nonfinite = reader.text(run, tags.NONFINITE_TAG)
+        spikes = reader.text(run, SPIKES_TAG)
         return {
             "run": run,
             "parameters": meta["parameters"] if meta else [],
@@ -363,6 +366,7 @@ class ParamMonitorPlugin(base_plugin.TBPlugin):
             "groups": shared_groups(shared, order),
             "rows": {m: names for m, names in rows.items() if names},
             "nonfinite": [{"step": s, "html": plugin_util.markdown_to_safe_html(md)} for s, md in nonfinite],
+            "spikes": [{"step": s, "html": plugin_util.markdown_to_safe_html(md)} for s, md in spikes],
             "status": run_status(meta, listing),
         }
 

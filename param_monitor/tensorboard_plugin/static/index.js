@@ -113,6 +113,11 @@ async function drawRun(column, run) {
       for (const record of info.nonfinite) box.insertAdjacentHTML('beforeend', record.html);
       column.append(section('Non-finite gradients', 'nonfinite-record', box));
     }
+    if (info.spikes.length) {
+      const box = el('div', {class: 'spikes'});
+      for (const record of info.spikes) box.insertAdjacentHTML('beforeend', record.html);
+      column.append(section('Gradient spikes', 'spikes-record', box));
+    }
     const groups = section('Shared parameters: how the uses share the gradient', 'overview');
     const health = section('Layers to look at', 'health');
     const heat = section('Layer health: one row per parameter, one column per logged step', 'heatmaps');
