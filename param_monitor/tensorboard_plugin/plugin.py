@@ -435,7 +435,16 @@ def run_status(meta: dict[str, Any] | None, listing: Mapping[str, int]) -> dict[
     """What the tab says before any chart: steps logged, whether per-use tracking ran, and why not.
 
     ``listing`` is ``{tag: last step}`` of the run's scalars. Per-use tracking ran when the metadata
-    names call sites (the tracker finds them) or a ``shared_grad`` tag exists.
+    names call sites (the tracker finds them) or a ``shared_grad`` tag exists. "No step logged yet"
+    comes from the metadata's ``steps_logged`` (0) where the monitor wrote it, else from the event
+    data: metadata and no scalar step.
+
+    >>> meta = {"steps_logged": 0, "log_every_n_steps": 50, "steps_run": 30, "parameters": [], "shared": {}}
+    >>> status = run_status(meta, {})
+    >>> status["no_step_logged"], status["log_every_n_steps"], status["steps_run"]
+    (True, 50, 30)
+    >>> run_status(meta, {"grad_norm/a.weight": 49})["no_step_logged"]  # written since: the scalars win
+    False
     """
     monitor = {t: s for t, s in listing.items() if _is_monitor_tag(t)}
     parameters = meta["parameters"] if meta else []
@@ -449,11 +458,14 @@ def run_status(meta: dict[str, Any] | None, listing: Mapping[str, int]) -> dict[
         for p in parameters
         if p["aliases"] and p["name"] not in shared and tracking
     ]
+    said = meta or {}  # the monitor's core writes its logging status into the metadata (steps_logged 0: none yet)
+    no_step = said["steps_logged"] == 0 if "steps_logged" in said else not monitor
     return {
         "steps_logged": bool(monitor),
         "last_step": max(monitor.values(), default=None),
-        "no_step_logged": meta.get("no_step_logged", not monitor) if meta else not monitor,
-        "log_every_n_steps": meta.get("log_every_n_steps") if meta else None,
+        "no_step_logged": no_step and not monitor,  # a scalar logged since the metadata was written wins
+        "log_every_n_steps": said.get("log_every_n_steps"),
+        "steps_run": said.get("steps_run"),
         "tracking": tracking,
         "single_use_aliases": single_use,
     }

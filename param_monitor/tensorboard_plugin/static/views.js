@@ -108,10 +108,11 @@ export function statusNotes(info) {
   const out = [];
   if (status.no_step_logged) {
     const every = status.log_every_n_steps ? `every ${status.log_every_n_steps} steps` : 'every log_every_n_steps steps';
+    const run = status.steps_run ? ` This run has ${status.steps_run} steps so far.` : '';
     out.push(el('div', {class: 'empty no-step'},
       el('strong', {}, 'No step logged yet. '),
       `The monitor writes its statistics on logging steps only, ${every} (Lightning's Trainer default: 50), ` +
-      'so a run shorter than that logs nothing. Lightning: Trainer(log_every_n_steps=10) or ' +
+      `so a run shorter than that logs nothing.${run} Lightning: Trainer(log_every_n_steps=10) or ` +
       'ParameterMonitor(log_every_n_steps=10). A plain PyTorch loop: write_scalars(writer, watcher.compute(), step) ' +
       'on the steps you log. The tab refreshes by itself: the charts appear with the first logged step.'));
   }
