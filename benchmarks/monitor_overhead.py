@@ -263,7 +263,7 @@ class ContributionProbe(Callback):
         self.samples: list[tuple[int, int, int, int]] = []  # buffers, their bytes, shared params, their bytes
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, opt: Any) -> None:
-        watcher = self.monitor._watcher
+        watcher = self.monitor._core.watcher
         if watcher is None or watcher.tracker is None or not watcher.tracking:
             return
         contributions = watcher.tracker.contributions()

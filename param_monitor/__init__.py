@@ -1,10 +1,12 @@
 """param_monitor: watch weights, gradients and shared-parameter gradient contributions.
 
-The Lightning callback is :class:`ParameterMonitor`; :class:`ParameterWatcher` is the
-framework-free core for plain PyTorch loops.
+The Lightning callback is :class:`ParameterMonitor`; :class:`PlainMonitor` is the same logging step
+for a hand-written PyTorch loop (``param_monitor.core`` is their common, framework-free core);
+:class:`ParameterWatcher` computes one model's statistics.
 """
 
 from param_monitor.callback import NonFiniteGradientError, ParameterMonitor
+from param_monitor.plain import PlainMonitor
 from param_monitor.sharing import SharedUseTracker
 from param_monitor.stats import parameter_statistics
 from param_monitor.table import ParameterInfo, count_parameters, format_markdown, parameter_table
@@ -16,6 +18,7 @@ __all__ = [
     "ParameterInfo",
     "ParameterMonitor",
     "ParameterWatcher",
+    "PlainMonitor",
     "SharedUseTracker",
     "count_parameters",
     "format_markdown",

@@ -7,15 +7,15 @@ or torch release that moves one of these attributes breaks one function, not eve
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.logger import _add_prefix
 from lightning.pytorch.loggers import Logger
-from torch import Tensor
-from torch.amp.grad_scaler import OptState
 from torch.optim import Optimizer
+
+from param_monitor._torch import inverse_scale, optimizer_unscaled  # noqa: F401  (moved: torch-only reaches)
 
 
 def step_label(trainer: pl.Trainer) -> int:
@@ -47,26 +47,6 @@ def grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
     """
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return scaler if scaler is not None and scaler.is_enabled() else None
-
-
-def inverse_scale(scaler: torch.amp.GradScaler) -> Tensor:
-    """``1/scale`` as a device scalar, computed as ``GradScaler.unscale_`` does (float64 reciprocal).
-
-    Why: ``GradScaler.get_scale()`` (the public API) copies the scale to the host, one device
-    sync per logging step; ``_scale`` is the device tensor itself.
-    """
-    return scaler._scale.double().reciprocal().float()
-
-
-def optimizer_unscaled(scaler: torch.amp.GradScaler, optimizer: Optimizer) -> bool:
-    """Whether ``optimizer``'s gradients were unscaled already (``scaler.unscale_(optimizer)`` ran).
-
-    Why: Lightning unscales before ``on_before_optimizer_step``, except for optimizers that unscale
-    inside their own step (``Adam(fused=True)``): there the gradients are still scaled. Public
-    replacement: none (``GradScaler`` keeps the stage in ``_per_optimizer_states``).
-    """
-    state = scaler._per_optimizer_states.get(id(optimizer))
-    return state is not None and state["stage"] is OptState.UNSCALED
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
@@ -104,3 +84,28 @@ def logger_prefix(logger: Logger) -> str:
     """The string :func:`logger_prefixed` puts before every name ("" without a prefix)."""
     prefix = getattr(logger, "_prefix", "")
     return f"{prefix}{getattr(logger, 'LOGGER_JOIN_CHAR', '-')}" if prefix else ""
+
+
+def intercept_clipping(trainer: pl.Trainer, before: Callable[[Optimizer], None]) -> Callable[[], None]:
+    """Call ``before(optimizer)`` each time Lightning is about to clip ``optimizer``'s gradients; returns the undo.
+
+    Why: in manual optimization ``self.clip_gradients(opt, ...)`` runs inside ``training_step``,
+    before ``opt.step()`` and so before ``on_before_optimizer_step``: no hook sees the gradients
+    before they are clipped. Every clip goes through the precision plugin's ``clip_gradients``
+    (``LightningModule.clip_gradients`` calls it), so the instance's method is wrapped for the fit.
+    Public replacement: none (an ``on_before_clip_gradients`` hook would do).
+    """
+    plugin = trainer.precision_plugin
+    original = plugin.clip_gradients
+
+    def clip_gradients(optimizer: Optimizer, *args: object, **kwargs: object) -> None:
+        before(getattr(optimizer, "_optimizer", optimizer))  # a `LightningOptimizer` wraps the torch one
+        original(optimizer, *args, **kwargs)
+
+    plugin.clip_gradients = clip_gradients
+
+    def undo() -> None:
+        if plugin.__dict__.get("clip_gradients") is clip_gradients:
+            del plugin.clip_gradients
+
+    return undo

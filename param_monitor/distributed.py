@@ -34,6 +34,7 @@ __all__ = [
     "is_sharded",
     "local_tensor",
     "reduction_group",
+    "replica_weights",
     "replication_factor",
     "warn_rank_zero",
 ]
@@ -63,6 +64,26 @@ def all_reduce_sum(packed: Tensor, group: ProcessGroup | None) -> Tensor:
     if group is not None:
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
     return packed
+
+
+def replica_weights(replicas: Sequence[float], length: int | None = None) -> Tensor | None:
+    """Weights that make a SUM over ranks count every value once: ``1/r`` for a value ``r`` ranks hold.
+
+    THE replica weighting of the package (the statistics' layout and the update ratio both use it):
+    a partial sum of a tensor replicated on ``r`` ranks is summed ``r`` times by the all-reduce.
+    Positions past ``replicas`` (up to ``length``: flags appended by a caller) weigh 1. ``None``
+    when every weight is 1 (nothing to multiply). A float64 vector on the CPU.
+
+    >>> replica_weights([1, 2, 4], length=4)
+    tensor([1.0000, 0.5000, 0.2500, 1.0000], dtype=torch.float64)
+    >>> replica_weights([1, 1], length=3) is None
+    True
+    """
+    weights = [1.0 / r for r in replicas]
+    weights += [1.0] * ((length or len(weights)) - len(weights))
+    if all(w == 1.0 for w in weights):
+        return None
+    return torch.tensor(weights, dtype=torch.float64)
 
 
 def average_contributions(buffers: Sequence[Tensor], group: ProcessGroup | None) -> list[Tensor]:

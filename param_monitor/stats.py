@@ -47,6 +47,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from param_monitor.distributed import replica_weights
 from param_monitor.dtensor import local_tensor
 from param_monitor.tags import (  # noqa: F401  (re-exported: the schema lives in tags.py)
     DEAD_UNITS,
@@ -118,18 +119,16 @@ class StatsLayout:
         """Per-position weights for a SUM over ``world_size`` ranks (``None`` when all are 1).
 
         ``factors`` maps a tensor name to how many ranks hold each of its elements; positions past
-        the declared segments (flags appended by the caller) are summed as they are.
+        the declared segments (flags appended by the caller) are summed as they are. The weighting
+        itself is ``distributed.replica_weights``'s.
         """
-        weights: list[float] = []
+        replicas: list[float] = []
         for seg in self.segments():
             if seg.reduction is Reduction.PER_TENSOR:
-                weights += [1.0 / factors[n] for n in seg.names]
-            else:
-                weights += [1.0 / world_size] * seg.length
-        weights += [1.0] * (length - len(weights))
-        if all(w == 1.0 for w in weights):
-            return None
-        return torch.tensor(weights, dtype=torch.float64)
+                replicas += [factors[n] for n in seg.names]
+            else:  # the same value on every rank
+                replicas += [world_size] * seg.length
+        return replica_weights(replicas, length)
 
 
 def _dense(t: Tensor) -> Tensor:

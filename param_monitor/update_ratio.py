@@ -166,9 +166,10 @@ class UpdateRatio:
         if group is None:
             return packed
         world = distributed.dist.get_world_size(group)
-        # a tensor replicated on r ranks would be counted r times by the SUM
-        weights = [1.0 / distributed.replication_factor(p, world) for p in params]
-        packed = packed * torch.tensor(weights * 2, dtype=torch.float64, device=packed.device)
+        # a tensor replicated on r ranks would be counted r times by the SUM (deltas, then befores)
+        weights = distributed.replica_weights([distributed.replication_factor(p, world) for p in params] * 2)
+        if weights is not None:
+            packed = packed * weights.to(packed.device)
         return distributed.all_reduce_sum(packed, group)
 
     def _ratios(self, names: list[str], deltas: list[float], befores: list[float]) -> Metrics:

@@ -1,6 +1,9 @@
-"""The framework-free core: statistics of one model, with or without shared-use tracking.
+"""Statistics of one model, with or without shared-use tracking: what the monitor's core computes with.
 
-Usable from a plain PyTorch loop with a ``SummaryWriter``:
+In a plain PyTorch loop use :class:`param_monitor.PlainMonitor` (two calls per step, the same tags,
+table and run metadata as the Lightning callback, and a warning for every call forgotten). The
+watcher's own step methods still work; every one of them is needed, in this order (a step without
+``before_backward(loss)`` cannot see the uses, and :meth:`ParameterWatcher.compute` warns):
 
 >>> import torch, torch.nn as nn
 >>> from torch.utils.tensorboard import SummaryWriter
@@ -25,6 +28,7 @@ and ``param_monitor.writers.write_scalars(writer, metrics, step)`` writes them a
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch.nn as nn
@@ -115,6 +119,7 @@ class ParameterWatcher:
     def start_step(self, capture: bool = True) -> None:
         """Install the tracking hooks (only on steps that log)."""
         if self.tracker is not None:
+            self._capture = capture and not self.tracker.active
             self.tracker.start(capture=capture)
 
     def begin_forward(self) -> None:
@@ -136,6 +141,23 @@ class ParameterWatcher:
         if self.tracker is not None:
             self.tracker.stop()
             self.tracker.reset()
+
+    def capture_problem(self) -> str | None:
+        """Why this tracked step cannot have captured the uses of shared parameters, or ``None``.
+
+        A forward and backward ran (gradients exist) under :meth:`start_step`, but no backward pass
+        was announced with :meth:`before_backward`: the graph was never walked, so no use is known.
+        """
+        tracker = self.tracker
+        if tracker is None or not tracker.active or not getattr(self, "_capture", False) or tracker.walked:
+            return None
+        if not any(p.grad is not None for _, p in self.named_params):
+            return None
+        return (
+            "no backward pass of this tracked step was announced (`before_backward(loss)` before `loss.backward()`, "
+            "`after_backward()` after it): the uses of shared parameters cannot be seen and no `shared_grad*` tag "
+            "is written. The plain-PyTorch API does it for you: `with monitor.step(step) as s: ...; s.backward(loss)`."
+        )
 
     @property
     def tracking(self) -> bool:
@@ -193,6 +215,9 @@ class ParameterWatcher:
         With several processes, every rank calls it with the same ``group``
         (``distributed.reduction_group()``): at most one collective.
         """
+        missing = self.capture_problem()
+        if missing is not None:
+            warnings.warn(f"`ParameterWatcher.compute`: {missing}", stacklevel=2)
         packed, layout = self.pack(group=group)
         packed = self.reduce(packed, layout, group)
         self.end_step()

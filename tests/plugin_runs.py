@@ -26,6 +26,7 @@ from torch import nn
 
 from param_monitor import ParameterMonitor
 from param_monitor.tensorboard_plugin.testing import wsgi_app
+from tests.helpers.trainers import make_trainer
 
 __all__ = ["wsgi_app"]  # re-exported for the tests
 
@@ -139,16 +140,9 @@ def fit(
     **monitor: Any,
 ) -> Path:
     logger = TensorBoardLogger(str(save_dir), name=name)
-    every = {} if log_every_n_steps is None else {"log_every_n_steps": log_every_n_steps}  # None: the Trainer's 50
-    trainer = pl.Trainer(
-        max_steps=steps,
-        **every,
-        logger=logger,
-        callbacks=[ParameterMonitor(**monitor)],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
+    every = 50 if log_every_n_steps is None else log_every_n_steps  # None: the Trainer's default, 50
+    trainer = make_trainer(
+        save_dir, ParameterMonitor(**monitor), max_steps=steps, logger=logger, log_every_n_steps=every
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the NaN run's warning, the few-workers hint

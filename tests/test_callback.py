@@ -23,6 +23,7 @@ from param_monitor import ParameterMonitor
 from param_monitor._lightning import grad_scaler, is_compiled, step_label
 from tests.helpers.events import load_events, read_scalar_steps, read_scalars
 from tests.helpers.modules import Recorder, SharedMLP, assert_close, check_against_oracle, fit, linear, loader
+from tests.helpers.trainers import make_trainer
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,7 +98,7 @@ def test_without_shared_tracking_other_steps_return_at_once(tmp_path: Path) -> N
     _, scalars = fit(SharedMLP(), tmp_path, monitor, max_steps=4)
     assert sorted(scalars["grad_norm/net.3.weight"]) == [2]
     assert not [t for t in scalars if t.startswith("shared_grad")]
-    assert not monitor._summary_pending and not monitor._count_calls_pending
+    assert not monitor._core.fit.summary_pending and not monitor._core.fit.count_calls_pending
 
 
 def test_tracking_does_not_change_the_model() -> None:
@@ -442,15 +443,7 @@ def test_resume_continues_steps_without_duplicates(tmp_path: Path) -> None:
         data=loader(n=64),
     )
     module = SharedMLP()
-    trainer = pl.Trainer(
-        max_steps=8,
-        log_every_n_steps=1,
-        logger=TensorBoardLogger(str(tmp_path), name="tb", version=0),
-        callbacks=[ParameterMonitor()],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = make_trainer(tmp_path, max_steps=8, logger=TensorBoardLogger(str(tmp_path), name="tb", version=0))
     trainer.fit(module, loader(n=64), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     steps = read_scalar_steps(trainer.logger.log_dir, "grad_norm/net.3.weight")
     assert steps == list(range(8))
@@ -763,6 +756,8 @@ def test_compile_in_configure_model_turns_tracking_off_with_warning(tmp_path: Pa
         ({"include": [1, 2]}, r"`include`.*glob patterns \(str\).*1"),
         ({"exclude": ("*.bias", None)}, r"`exclude`.*glob patterns \(str\)"),
         ({"include": 3}, r"`include`.*list"),
+        ({"include": {"model.*": 1}}, r"`include` must be a list of glob patterns \(a list or tuple of str\).*dict"),
+        ({"exclude": {"*.bias"}}, r"`exclude` must be a list of glob patterns \(a list or tuple of str\).*set"),
         ({"track_shared": "no"}, r"`track_shared` must be True or False.*'no'"),
         ({"log_summary": 1}, r"`log_summary` must be True or False"),
         ({"check_finite_every_step": None}, r"`check_finite_every_step` must be True or False"),
@@ -886,3 +881,108 @@ def test_gan_contributions_follow_zero_grad(tmp_path: Path) -> None:
     assert sorted(scalars["shared_grad_error/d.0.weight"]) == [0, 1, 2]
     assert max(scalars["shared_grad_error/d.0.weight"].values()) < 1e-6
     assert not [w for w in record if "outside the forward" in str(w.message)]
+
+
+# --------------------------------------------------------------------------------------------
+# manual optimization with clipping, short runs, odd Trainers
+# --------------------------------------------------------------------------------------------
+class ManualClipping(SharedMLP):
+    """Manual optimization that clips with ``self.clip_gradients`` before ``opt.step()``; records the gradients
+    before clipping (the oracle) in ``training_step``."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.5)
+        self.automatic_optimization = False
+        self.before_clip: dict[int, dict[str, torch.Tensor]] = {}
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        step = step_label(self.trainer)
+        self._record_uses(x, y, step)
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(F.cross_entropy(self(x), y))
+        self.before_clip[step] = {n: p.grad.detach().clone() for n, p in self.named_parameters()}
+        self.clip_gradients(opt, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+        opt.step()
+
+
+def test_manual_clipping_logs_the_gradient_before_clipping_and_exact_uses(tmp_path: Path) -> None:
+    module = ManualClipping()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, scalars = fit(module, tmp_path, max_steps=3)
+    assert not [w for w in record if "ParameterMonitor" in str(w.message)]  # no false "uses don't add up"
+    for step in range(3):
+        grads = module.before_clip[step]
+        total = math.sqrt(sum(g.double().square().sum().item() for g in grads.values()))
+        clipped = math.sqrt(sum(g.double().square().sum().item() for g in module.grads[step].values()))
+        assert clipped < 0.051 < total  # the step was really clipped
+        assert_close(scalars["grad_norm_total"][step], total)
+        assert_close(scalars["grad_norm/net.3.weight"][step], grads["net.3.weight"].norm().item())
+        assert scalars["shared_grad_error/net.3.weight"][step] < 1e-6
+        for site in ("net.3", "net.6"):
+            use = module.uses[step][("net.3.weight", site)]
+            assert_close(scalars[f"shared_grad/net.3.weight/{site}"][step], use.norm().item())
+
+
+def test_a_fit_shorter_than_the_logging_interval_warns_once_and_says_so(tmp_path: Path) -> None:
+    from param_monitor.tensorboard_plugin.metadata import parse_run_metadata
+
+    with pytest.warns(UserWarning) as record:
+        trainer, scalars = fit(SharedMLP(), tmp_path, max_steps=30, log_every_n_steps=50)
+    ours = [str(w.message) for w in record if "ParameterMonitor" in str(w.message)]
+    assert len(ours) == 1, ours
+    assert "ran 30 optimizer step(s) and logs every 50 (`log_every_n_steps=50`" in ours[0]
+    assert not [t for t in scalars if t.startswith("grad_norm")]
+    meta = load_events(trainer.logger.log_dir).Tensors("param_monitor/run_metadata")[-1].tensor_proto
+    status = parse_run_metadata(meta)
+    assert (status["steps_logged"], status["log_every_n_steps"], status["steps_run"]) == (0, 50, 30)
+
+
+def test_barebones_trainer_is_refused_with_the_truth(tmp_path: Path) -> None:
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    trainer = pl.Trainer(barebones=True, callbacks=[ParameterMonitor()], max_steps=1, accelerator="cpu", devices=1)
+    match = r"barebones=True\)`: barebones mode forbids loggers.*PlainMonitor"
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer.fit(SharedMLP(), loader())
+
+
+class ManualClippingTwoOptimizers(ManualClipping):
+    """Two optimizers (the shared layer in the second), each clipped before its step."""
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        shared = list(self.net[3].parameters())
+        rest = [p for n, p in self.named_parameters() if not n.startswith("net.3.")]
+        return [torch.optim.SGD(rest, lr=self.lr), torch.optim.SGD(shared, lr=self.lr)]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        step = step_label(self.trainer)
+        self._record_uses(x, y, step)
+        optimizers = self.optimizers()
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(F.cross_entropy(self(x), y))
+        self.before_clip[step] = {n: p.grad.detach().clone() for n, p in self.named_parameters()}
+        for opt in optimizers:
+            self.clip_gradients(opt, gradient_clip_val=0.01, gradient_clip_algorithm="norm")
+            opt.step()
+
+
+def test_manual_clipping_with_two_optimizers_logs_each_total_before_clipping(tmp_path: Path) -> None:
+    module = ManualClippingTwoOptimizers()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, scalars = fit(module, tmp_path, max_steps=4)  # global_step counts both optimizers' steps
+    assert not [w for w in record if "ParameterMonitor" in str(w.message)]
+    for step in range(2):
+        grads = module.before_clip[step]
+        shared = ["net.3.weight", "net.3.bias"]
+        norm_shared = math.sqrt(sum(grads[n].double().square().sum().item() for n in shared))
+        norm_rest = math.sqrt(sum(g.double().square().sum().item() for n, g in grads.items() if n not in shared))
+        assert_close(scalars["grad_norm_total/optimizer_1"][step], norm_shared)
+        assert_close(scalars["grad_norm_total/optimizer_0"][step], norm_rest)
+        assert norm_shared > 0.011  # really clipped
+        assert scalars["shared_grad_error/net.3.weight"][step] < 1e-6

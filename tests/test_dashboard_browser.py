@@ -35,6 +35,8 @@ from browser_support import (
     wait_until,
 )
 
+from tests.helpers.trainers import make_trainer
+
 pytestmark = [pytest.mark.browser, pytest.mark.slow, requires_browser]
 
 SHARED = "model.2.weight"  # model.2 is applied twice, as model.2 and model.4
@@ -54,7 +56,6 @@ def train_tiny_shared_model(save_dir: Path) -> Path:
     from lightning.pytorch.loggers import TensorBoardLogger
     from torch import nn
 
-    from param_monitor import ParameterMonitor
 
     class TinyShared(pl.LightningModule):
         def __init__(self) -> None:
@@ -74,16 +75,7 @@ def train_tiny_shared_model(save_dir: Path) -> Path:
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
     logger = TensorBoardLogger(str(save_dir), name="tiny")
-    trainer = pl.Trainer(
-        max_steps=20,
-        log_every_n_steps=1,
-        logger=logger,
-        callbacks=[ParameterMonitor()],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-    )
+    trainer = make_trainer(save_dir, max_steps=20, logger=logger)
     trainer.fit(TinyShared(), torch.utils.data.DataLoader(data, batch_size=8))
     return Path(logger.log_dir)
 

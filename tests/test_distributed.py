@@ -15,10 +15,8 @@ import copy
 import json
 import math
 import os
-import socket
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -35,71 +32,19 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from param_monitor import ParameterMonitor, ParameterWatcher
 from param_monitor._lightning import step_label
 from param_monitor.distributed import reduction_group
-from param_monitor.stats import finalize, module_group, pack
+from param_monitor.stats import finalize, pack
 from tests.helpers.events import read_scalars
+from tests.helpers.processes import count_collectives, free_port, retry_if_killed, spawn_workers
+from tests.helpers.trainers import make_trainer
 
 TOL = 1e-5
 WORLD = 2
 BATCH = 8  # per rank
 STEPS = 4
 LOG_EVERY = 2  # steps 1 and 3 log, 0 and 2 do not
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor", "reduce")
 
 
 # -- helpers --------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def retry_if_killed(attempt: Callable[[Path], None], root: Path) -> Path:
-    """Run ``attempt(folder)`` once more, in a fresh folder, if a worker process was killed by a signal.
-
-    gloo on CPU sometimes aborts a process (SIGABRT, "terminate called without an active exception",
-    pytorch/pytorch#190489): about one multi-process test in 20 here, and it says nothing of the
-    numbers. A worker that raises (an assertion, an error) is never retried. Returns the folder used.
-    """
-    for n in range(2):
-        folder = root / f"try{n}"
-        folder.mkdir()
-        try:
-            attempt(folder)
-            return folder
-        except mp.ProcessExitedException as crash:
-            if crash.signal_name is None or n == 1:
-                raise
-            warnings.warn(f"retrying after a worker died by {crash.signal_name}", stacklevel=2)
-    raise AssertionError("unreachable")
-
-
-def spawn_workers(worker: Callable[..., None], root: Path) -> Path:
-    """``mp.spawn`` WORLD workers on a free port (see :func:`retry_if_killed`); returns their folder."""
-    return retry_if_killed(lambda out: mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD), root)
-
-
-@contextmanager
-def count_collectives() -> Iterator[list[str]]:
-    """Record every ``torch.distributed`` collective called (by name) inside the block."""
-    calls: list[str] = []
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def wrap(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            calls.append(name)
-            return fn(*args, **kwargs)
-
-        return counted
-
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(name, fn))
-    try:
-        yield calls
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
-
-
 def shared_net(seed: int = 0) -> nn.Sequential:
     """The same Linear at positions 2 and 4 (sites ``net.2`` and ``net.4``)."""
     torch.manual_seed(seed)
@@ -224,16 +169,14 @@ def test_ddp_matches_single_process_and_issues_one_collective_per_logging_step(t
     def attempt(out: Path) -> None:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(free_port())
-        trainer = pl.Trainer(
-            accelerator="cpu",
+        trainer = make_trainer(
+            out,
+            CountingMonitor(str(out), log_every_n_steps=LOG_EVERY),
             devices=WORLD,
             strategy="ddp_spawn",
             max_steps=STEPS,
+            log_every_n_steps=50,  # the monitor's own interval; Lightning's default for self.log
             logger=TensorBoardLogger(str(out), name="", version="run"),
-            callbacks=[CountingMonitor(str(out), log_every_n_steps=LOG_EVERY)],
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
         )
         trainer.fit(SharedClassifier())
 
@@ -369,16 +312,14 @@ def _model_parallel_worker(rank: int, port: int, out_dir: str) -> None:
     # its own launcher would re-run `sys.argv`, i.e. pytest.
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = make_trainer(
+        Path(out_dir),
+        ParameterMonitor(log_every_n_steps=1),
         devices=WORLD,
         strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
         max_steps=FSDP_STEPS,
+        log_every_n_steps=50,
         logger=TensorBoardLogger(out_dir, name="", version="run"),
-        callbacks=[ParameterMonitor(log_every_n_steps=1)],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     model = ShardedClassifier()
     with warnings.catch_warnings(record=True) as caught:
@@ -439,58 +380,6 @@ def test_lightning_model_parallel_fsdp2_matches_single_process(tmp_path: Path) -
 
 
 # -- aggregation per module (single process, fast) ------------------------------------------
-class Blocks(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(3, 2) for _ in range(2))
-        self.head = nn.Linear(2, 1, bias=False)
-        self.scale = nn.Parameter(torch.tensor([2.0]))
-
-
-def constant_blocks() -> Blocks:
-    """Block i: weight filled with i+1, bias with -(i+1); gradients 0.5x the weights; head weight 4."""
-    model = Blocks()
-    with torch.no_grad():
-        for i, block in enumerate(model.blocks):
-            block.weight.fill_(i + 1)
-            block.bias.fill_(-(i + 1))
-            block.weight.grad = torch.full_like(block.weight, 0.5 * (i + 1))
-            block.bias.grad = torch.full_like(block.bias, -0.5 * (i + 1))
-        model.head.weight.fill_(4.0)
-    return model
-
-
-def test_aggregate_depth_closed_form() -> None:
-    watcher = ParameterWatcher(constant_blocks(), track_shared=False, aggregate_depth=2)
-    metrics = watcher.compute()
-    for i in range(2):
-        c = i + 1  # 6 weights equal to c, 2 biases equal to -c
-        assert metrics[f"weight_norm/blocks.{i}"] == pytest.approx(math.sqrt(8 * c * c))
-        assert metrics[f"weight_mean/blocks.{i}"] == pytest.approx((6 * c - 2 * c) / 8)
-        assert metrics[f"grad_norm/blocks.{i}"] == pytest.approx(0.5 * math.sqrt(8 * c * c))
-    assert metrics["weight_norm/head"] == pytest.approx(math.sqrt(2 * 16))
-    assert metrics["weight_mean/head"] == pytest.approx(4.0)
-    assert metrics["weight_mean/scale"] == pytest.approx(2.0)  # a root parameter is its own group
-    assert "grad_norm/head" not in metrics  # no gradient in the group
-    assert metrics["grad_norm_total"] == pytest.approx(0.5 * math.sqrt(8 + 8 * 4))
-    assert sorted(k for k in metrics if k.startswith("weight_norm/")) == [
-        "weight_norm/blocks.0",
-        "weight_norm/blocks.1",
-        "weight_norm/head",
-        "weight_norm/scale",
-    ]
-
-
-def test_aggregate_depth_1_and_deeper_than_the_tree() -> None:
-    shallow = ParameterWatcher(constant_blocks(), track_shared=False, aggregate_depth=1).compute()
-    # blocks: 12 weights (1 and 2) and 4 biases (-1 and -2): sum of squares 6+24+2+8 = 40
-    assert shallow["weight_norm/blocks"] == pytest.approx(math.sqrt(40))
-    assert shallow["weight_mean/blocks"] == pytest.approx((6 + 12 - 2 - 4) / 16)
-    deep = ParameterWatcher(constant_blocks(), track_shared=False, aggregate_depth=9).compute()
-    assert deep["weight_norm/blocks.1"] == pytest.approx(math.sqrt(8 * 4))  # module paths used whole
-    assert module_group("blocks.1.weight", 9) == "blocks.1"
-
-
 def test_aggregate_depth_keeps_shared_metrics_per_parameter() -> None:
     net = shared_net()
     watcher = ParameterWatcher(net, aggregate_depth=1)
@@ -516,16 +405,11 @@ def test_callback_aggregates_and_rejects_bad_depth(tmp_path: Path) -> None:
 
     with pytest.raises(MisconfigurationException):
         ParameterMonitor(aggregate_depth=0)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = make_trainer(
+        tmp_path,
+        ParameterMonitor(aggregate_depth=2),
         max_steps=2,
-        log_every_n_steps=1,
         logger=TensorBoardLogger(str(tmp_path), name="", version="run"),
-        callbacks=[ParameterMonitor(aggregate_depth=2)],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(SharedClassifier())
     tags = set(read_scalars(tmp_path / "run"))

@@ -16,13 +16,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 from param_monitor import ParameterMonitor
 from param_monitor.update_ratio import UpdateRatio
-from tests.helpers.events import read_scalars
+from tests.helpers import trainers
+from tests.helpers.processes import spawn_workers
 
 TOL = 1e-5
 
@@ -33,21 +33,7 @@ def loader(n: int = 48, batch_size: int = 8, seed: int = 0) -> DataLoader:
 
 
 def fit(module: pl.LightningModule, tmp_path: Path, monitor: ParameterMonitor | None = None, **kwargs: object):
-    args: dict = dict(
-        max_steps=4,
-        log_every_n_steps=1,
-        logger=TensorBoardLogger(str(tmp_path), name="tb"),
-        callbacks=[monitor or ParameterMonitor(log_update_ratio=True)],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
-    args.update(kwargs)
-    trainer = pl.Trainer(**args)
-    trainer.fit(module, loader())
-    return trainer, read_scalars(trainer.logger.log_dir)
+    return trainers.fit(module, tmp_path, monitor or ParameterMonitor(log_update_ratio=True), data=loader(), **kwargs)
 
 
 class WeightRecorder(pl.LightningModule):
@@ -135,7 +121,7 @@ def test_no_copy_and_no_hook_on_steps_that_do_not_log(tmp_path: Path, monkeypatc
     trainer, _ = fit(WeightRecorder(), tmp_path, max_steps=6, log_every_n_steps=3)
     assert armed == [0, 0]  # two logging steps, and each found no hook left over
     assert not trainer.optimizers[0]._optimizer_step_post_hooks
-    assert not trainer.callbacks[0]._update_ratio.armed
+    assert not trainer.callbacks[0]._core.update_ratio.armed
 
 
 def test_off_by_default(tmp_path: Path) -> None:
@@ -401,14 +387,7 @@ def _full(p: torch.Tensor) -> torch.Tensor:
 @pytest.mark.distributed
 def test_fsdp2_shard_sums_match_the_full_weights(tmp_path: Path) -> None:
     import json
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fsdp_worker, args=(port, str(tmp_path)), nprocs=2)
+    tmp_path = spawn_workers(_fsdp_worker, tmp_path)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for result in results:
         assert result["sharded"] == ["0.bias", "0.weight", "2.bias", "2.weight"]  # fully_shard really ran
@@ -456,14 +435,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.distributed
 def test_ddp_rank_zero_computes_without_a_collective(tmp_path: Path) -> None:
     import json
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2)
+    tmp_path = spawn_workers(_ddp_worker, tmp_path)
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert zero["calls"] == [] and one["calls"] == []  # the weights are the same everywhere: nothing to reduce
     assert one["logged"] == []  # only rank 0 writes, so only rank 0 copies and computes

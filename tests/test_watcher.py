@@ -6,14 +6,16 @@ import math
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from param_monitor import ParameterMonitor, ParameterWatcher
+from param_monitor import ParameterWatcher
+from param_monitor.stats import module_group
 from tests.helpers.events import read_scalars
+from tests.helpers.trainers import make_trainer
 
 
 def plain_step(watcher: ParameterWatcher, model: nn.Module, loss_fn) -> dict[str, float]:  # noqa: ANN001
@@ -99,18 +101,7 @@ class Tiny(pl.LightningModule):
 
 
 def tiny_trainer(tmp_path: Path, precision: str = "32-true") -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=3,
-        log_every_n_steps=1,
-        logger=TensorBoardLogger(str(tmp_path), name="tb"),
-        callbacks=[ParameterMonitor()],
-        precision=precision,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
+    return make_trainer(tmp_path, max_steps=3, precision=precision)
 
 
 def fit_tiny(tmp_path: Path, kind: str, precision: str = "32-true") -> tuple[Tiny, dict[str, dict[int, float]]]:
@@ -180,3 +171,56 @@ def test_a_copy_of_the_model_on_a_logging_step_carries_nothing_and_nothing_outli
     assert len(copies) == 3 and all(b"param_monitor" not in c for c in copies)
     assert not torch.nn.modules.module._global_forward_pre_hooks
     assert not torch.nn.modules.module._global_forward_hooks
+
+
+# -- aggregation per module (moved from test_distributed: single process) ----------------------
+class Blocks(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(3, 2) for _ in range(2))
+        self.head = nn.Linear(2, 1, bias=False)
+        self.scale = nn.Parameter(torch.tensor([2.0]))
+
+
+def constant_blocks() -> Blocks:
+    """Block i: weight filled with i+1, bias with -(i+1); gradients 0.5x the weights; head weight 4."""
+    model = Blocks()
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            block.weight.fill_(i + 1)
+            block.bias.fill_(-(i + 1))
+            block.weight.grad = torch.full_like(block.weight, 0.5 * (i + 1))
+            block.bias.grad = torch.full_like(block.bias, -0.5 * (i + 1))
+        model.head.weight.fill_(4.0)
+    return model
+
+
+def test_aggregate_depth_closed_form() -> None:
+    watcher = ParameterWatcher(constant_blocks(), track_shared=False, aggregate_depth=2)
+    metrics = watcher.compute()
+    for i in range(2):
+        c = i + 1  # 6 weights equal to c, 2 biases equal to -c
+        assert metrics[f"weight_norm/blocks.{i}"] == pytest.approx(math.sqrt(8 * c * c))
+        assert metrics[f"weight_mean/blocks.{i}"] == pytest.approx((6 * c - 2 * c) / 8)
+        assert metrics[f"grad_norm/blocks.{i}"] == pytest.approx(0.5 * math.sqrt(8 * c * c))
+    assert metrics["weight_norm/head"] == pytest.approx(math.sqrt(2 * 16))
+    assert metrics["weight_mean/head"] == pytest.approx(4.0)
+    assert metrics["weight_mean/scale"] == pytest.approx(2.0)  # a root parameter is its own group
+    assert "grad_norm/head" not in metrics  # no gradient in the group
+    assert metrics["grad_norm_total"] == pytest.approx(0.5 * math.sqrt(8 + 8 * 4))
+    assert sorted(k for k in metrics if k.startswith("weight_norm/")) == [
+        "weight_norm/blocks.0",
+        "weight_norm/blocks.1",
+        "weight_norm/head",
+        "weight_norm/scale",
+    ]
+
+
+def test_aggregate_depth_1_and_deeper_than_the_tree() -> None:
+    shallow = ParameterWatcher(constant_blocks(), track_shared=False, aggregate_depth=1).compute()
+    # blocks: 12 weights (1 and 2) and 4 biases (-1 and -2): sum of squares 6+24+2+8 = 40
+    assert shallow["weight_norm/blocks"] == pytest.approx(math.sqrt(40))
+    assert shallow["weight_mean/blocks"] == pytest.approx((6 + 12 - 2 - 4) / 16)
+    deep = ParameterWatcher(constant_blocks(), track_shared=False, aggregate_depth=9).compute()
+    assert deep["weight_norm/blocks.1"] == pytest.approx(math.sqrt(8 * 4))  # module paths used whole
+    assert module_group("blocks.1.weight", 9) == "blocks.1"

@@ -39,9 +39,16 @@ class SummaryWriterLike(Protocol):
     def _get_file_writer(self) -> _FileWriter: ...
 
 
-def run_metadata(rows: Sequence[ParameterInfo], shared_sites: Mapping[str, Sequence[str]]) -> dict[str, Any]:
-    """The JSON-ready description of a run's model (rows in the model's registration order)."""
+def run_metadata(
+    rows: Sequence[ParameterInfo], shared_sites: Mapping[str, Sequence[str]], status: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The JSON-ready description of a run's model (rows in the model's registration order).
+
+    ``status`` (from the monitor's core): ``steps_logged`` (0: no step logged yet), ``log_every_n_steps``
+    and ``steps_run`` when written; the latest metadata of a run is the current one.
+    """
     return {
+        **(status or {}),
         "version": METADATA_VERSION,
         "parameters": [
             {
@@ -59,10 +66,10 @@ def run_metadata(rows: Sequence[ParameterInfo], shared_sites: Mapping[str, Seque
 
 
 def run_metadata_summary(
-    rows: Sequence[ParameterInfo], shared_sites: Mapping[str, Sequence[str]]
+    rows: Sequence[ParameterInfo], shared_sites: Mapping[str, Sequence[str]], status: Mapping[str, Any] | None = None
 ) -> summary_pb2.Summary:
     """One ``Summary`` holding :func:`run_metadata` as a scalar string tensor of the plugin."""
-    content = json.dumps(run_metadata(rows, shared_sites)).encode("utf-8")
+    content = json.dumps(run_metadata(rows, shared_sites, status)).encode("utf-8")
     tensor = tensor_pb2.TensorProto(
         dtype=types_pb2.DT_STRING, string_val=[content], tensor_shape=tensor_shape_pb2.TensorShapeProto()
     )
@@ -81,9 +88,10 @@ def write_run_metadata(
     rows: Sequence[ParameterInfo],
     shared_sites: Mapping[str, Sequence[str]],
     step: int,
+    status: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write the run's model description once (the monitor calls this with the parameter table)."""
-    writer._get_file_writer().add_summary(run_metadata_summary(rows, shared_sites), global_step=step)
+    """Write the run's model description (the monitor calls this with the parameter table)."""
+    writer._get_file_writer().add_summary(run_metadata_summary(rows, shared_sites, status), global_step=step)
 
 
 def parse_run_metadata(tensor: tensor_pb2.TensorProto | bytes | str) -> dict[str, Any]:

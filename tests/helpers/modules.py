@@ -14,13 +14,13 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch.nn.parameter import UninitializedParameter
 from torch.utils.data import DataLoader, TensorDataset
 
 from param_monitor import ParameterMonitor
 from param_monitor._lightning import step_label
-from tests.helpers.events import read_scalars
+from tests.helpers import trainers
+from tests.helpers.trainers import trainer_kwargs  # noqa: F401  (re-exported for older imports)
 
 TOL = 1e-5
 
@@ -32,22 +32,6 @@ def loader(n: int = 32, features: int = 4, classes: int = 3, batch_size: int = 8
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
-def trainer_kwargs(tmp_path: Path, monitor: ParameterMonitor | None = None, **overrides: object) -> dict:
-    kwargs: dict = dict(
-        max_steps=4,
-        log_every_n_steps=1,
-        logger=TensorBoardLogger(str(tmp_path), name="tb"),
-        callbacks=[monitor or ParameterMonitor()],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-    )
-    kwargs.update(overrides)
-    return kwargs
-
-
 def fit(
     module: pl.LightningModule,
     tmp_path: Path,
@@ -55,9 +39,8 @@ def fit(
     data: DataLoader | None = None,
     **overrides: object,
 ) -> tuple[pl.Trainer, dict[str, dict[int, float]]]:
-    trainer = pl.Trainer(**trainer_kwargs(tmp_path, monitor, **overrides))
-    trainer.fit(module, data or loader())
-    return trainer, read_scalars(trainer.logger.log_dir) if trainer.logger else {}
+    """:func:`tests.helpers.trainers.fit` on :func:`loader`'s data unless ``data`` is given."""
+    return trainers.fit(module, tmp_path, monitor, data or loader(), **overrides)
 
 
 class Recorder(pl.LightningModule):
