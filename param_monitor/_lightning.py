@@ -50,22 +50,13 @@ def grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
-    """Whether ``module`` or a submodule runs under ``torch.compile``.
+    """Whether ``module`` or a submodule runs under ``torch.compile`` (kept here for older imports).
 
-    Why: per-use tracking swaps parameters in module hooks, which compiled graphs do not run.
-    ``OptimizedModule`` (``torch.compile(module)``) and ``_compiled_call_impl``
-    (``module.compile()``) are torch internals; ``_compiler_ctx`` is Lightning's mark of a module
-    compiled through ``from_compiled``. Public replacement: none (``torch.compiler.is_compiling()``
-    only answers inside a compiled region).
+    The private reaches it needs, and why, are documented in :func:`param_monitor.compile.compiled_parts`.
     """
-    if getattr(module, "_compiler_ctx", None):
-        return True
-    for sub in module.modules():
-        if isinstance(sub, torch._dynamo.eval_frame.OptimizedModule):
-            return True
-        if getattr(sub, "_compiled_call_impl", None) is not None:
-            return True
-    return False
+    from param_monitor.compile import is_compiled as compiled
+
+    return compiled(module)
 
 
 def logger_prefixed(logger: Logger, metrics: Mapping[str, float]) -> Mapping[str, float]:

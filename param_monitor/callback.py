@@ -111,6 +111,12 @@ class ParameterMonitor(Callback):
         log_update_ratio: log ``update_ratio/{name}``; copies the weights on logging steps only
             (one fused copy, freed after the step).
         log_dead_units: log ``dead_units/{name}`` (a per-batch measure: units silent for this batch).
+        eager_logging_steps: under ``torch.compile`` (any way of compiling), run the tracked batches
+            (logging steps) eagerly, ``torch.compiler.set_stance("force_eager")`` from the batch's start
+            to its optimizer step, so that shared parameters' uses can be told apart; every other step
+            stays compiled, with no recompile. A logging step then costs an eager forward and backward
+            (eager memory), and code branching on ``torch.compiler.is_compiling()`` takes its eager
+            branch there. ``False``: compiled models get no per-use tracking (one warning).
     """
 
     def __init__(
@@ -126,6 +132,7 @@ class ParameterMonitor(Callback):
         aggregate_depth: int | None = None,
         log_update_ratio: bool = False,
         log_dead_units: bool = False,
+        eager_logging_steps: bool = True,
     ) -> None:
         options = {k: v for k, v in locals().items() if k in _OPTIONS}
         try:
@@ -163,19 +170,13 @@ class ParameterMonitor(Callback):
         self._core.runtime = _TrainerRuntime(trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # after `configure_model` (which may compile or shard the model) and the strategy's set-up
-        track = self.config.track_shared
-        if track and _lightning.is_compiled(pl_module):
-            rank_zero_warn(
-                "`ParameterMonitor`: the model is `torch.compile`d; per-use tracking of shared parameters "
-                "needs eager module calls and is switched off (per-tensor statistics still work)."
-            )
-            track = False
+        # after `configure_model` (which may compile or shard the model) and the strategy's set-up; the core
+        # checks there whether per-use tracking can run (a CUDA graph replay, compiled without eager logging steps)
         every_n = self.config.log_every_n_steps or trainer.log_every_n_steps
         if not every_n:
             rank_zero_warn("`ParameterMonitor` logs nothing: `Trainer(log_every_n_steps=0)` and no own value.")
         core = self._core
-        core.start(pl_module, every_n or 0, track)
+        core.start(pl_module, every_n or 0)
         if not pl_module.automatic_optimization:  # `self.clip_gradients` runs before `on_before_optimizer_step`
             core.hooks.append(_ClipWatch(core, trainer))
 

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Mapping
 
 import torch
 
 from param_monitor import distributed, tags
 from param_monitor.parameters import parameter_aliases
+from param_monitor.sharing import unseen_use_tolerance
 from param_monitor.stats import StatsLayout
 from param_monitor.watcher import ParameterWatcher
-
-# Σ uses − grad is ~1e-7 in fp32 and ~1e-4 under fp16 autocast; a missed use is O(1).
-UNSEEN_USE_TOLERANCE = 1e-2
 
 
 class FitWarnings:
@@ -52,11 +51,14 @@ class FitWarnings:
             self.once("not-walked", f"`ParameterMonitor`: {missing}")
         if not tracker.has_seen_forward:
             return
+        by_cause: dict[str, list[str]] = {}
         for name, why in tracker.unattributed().items():
+            by_cause.setdefault(why, []).append(name)
+        for why, names in by_cause.items():  # one warning per cause, listing its parameters
             self.once(
-                f"unattributed:{name}",
-                f"`ParameterMonitor`: the uses of `{name}` cannot all be seen ({why}): its per-use "
-                "contributions are not logged.",
+                f"unattributed:{why}",
+                f"`ParameterMonitor`: the uses of {', '.join(f'`{n}`' for n in names)} cannot all be seen ({why}): "
+                "their per-use contributions (`shared_grad*`) are not logged.",
             )
 
     def uncaptured(self, watcher: ParameterWatcher, layout: StatsLayout) -> None:
@@ -76,13 +78,25 @@ class FitWarnings:
             )
 
     def partial_uses(
-        self, metrics: dict[str, float], layout: StatsLayout, accumulated_before: bool
+        self,
+        metrics: dict[str, float],
+        layout: StatsLayout,
+        accumulated_before: bool,
+        summed_in: Mapping[str, torch.dtype] | None = None,
     ) -> dict[str, float]:
-        """Per-use values whose sites do not add up to the gradient: say why, once; drop what is wrong."""
-        for name, _ in layout.shared:
+        """Per-use values whose sites do not add up to the gradient: say why, once; drop what is wrong.
+
+        ``summed_in``: the parameters whose uses autograd summed in low precision before ``.grad``
+        (``SharedUseTracker.summed_in()``): their uses may miss ``.grad`` by that dtype's rounding.
+        """
+        summed_in = summed_in or {}
+        for name, sites in layout.shared:
             error = metrics.get(tags.shared_grad_error(name), 0.0)
-            # a NaN/inf gradient makes the error meaningless: the non-finite report covers it
-            if not (math.isfinite(error) and error > UNSEEN_USE_TOLERANCE):
+            # a NaN/inf gradient makes the error meaningless: the non-finite report covers it; uses that
+            # autograd summed in bf16/fp16 (autocast's cast cache) miss `.grad` by that dtype's rounding
+            norms = [metrics.get(tags.shared_grad(name, site), 0.0) for site in sites]
+            tolerance = unseen_use_tolerance(norms, metrics.get(tags.grad_norm(name)), summed_in.get(name))
+            if not (math.isfinite(error) and error > tolerance):
                 continue
             if accumulated_before:
                 # manual optimization accumulated earlier batches into `.grad`: the uses of the
@@ -94,11 +108,17 @@ class FitWarnings:
                     "are part of the gradient: `shared_grad*` tags are not written on such steps.",
                 )
                 return {k: v for k, v in metrics.items() if not k.startswith(tags.SHARED_GRAD)}
+            rounding = (
+                f" beyond the {summed_in[name]} rounding of autocast's weight-cast cache, which summed its uses"
+                if name in summed_in
+                else ""
+            )
             self.once(
                 f"unseen:{name}",
                 f"`ParameterMonitor`: the uses seen of shared parameter `{name}` add up to its gradient only "
-                f"within {error:.2g} (relative): part of its gradient did not come through the backward passes "
-                "the monitor walked (reentrant checkpointing, or a gradient written or accumulated by hand).",
+                f"within {error:.2g} (relative){rounding}: part of its gradient did not come through the backward "
+                "passes the monitor walked (a gradient written or accumulated by hand, or a backward pass that "
+                "was not announced: run outside Lightning's `backward`, or without `s.backward` in a plain loop).",
             )
         return metrics
 

@@ -28,6 +28,8 @@ class MonitorConfig:
     aggregate_depth: int | None = None
     log_update_ratio: bool = False
     log_dead_units: bool = False
+    # under `torch.compile`, run the tracked batches eagerly so that shared parameters' uses can be told apart
+    eager_logging_steps: bool = True
 
     def __post_init__(self) -> None:
         _check_int("log_every_n_steps", self.log_every_n_steps, 1, "a positive int or None (the Trainer's)")
@@ -37,6 +39,7 @@ class MonitorConfig:
             _check_bool(arg, getattr(self, arg))
         _check_bool("log_update_ratio", self.log_update_ratio)
         _check_bool("log_dead_units", self.log_dead_units)
+        _check_bool("eager_logging_steps", self.eager_logging_steps)
         self.include = _patterns("include", self.include)
         self.exclude = _patterns("exclude", self.exclude)
 

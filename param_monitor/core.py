@@ -32,9 +32,11 @@ Extension points (other features plug in with a few lines):
   ``before_backward(loss)``, ``after_backward()``, ``before_optimizer_step(optimizer, logging: bool)``,
   ``after_optimizer_step(optimizer, logging: bool)``, ``batch_end(logging: bool)``,
   ``on_exception(exc)`` and ``teardown()`` run at those events (after the core's own work at
-  ``batch_start``, before it at the others). E.g. a ``torch.compile`` stance set at ``batch_start``
-  of a logging batch and restored at ``before_optimizer_step``/``batch_end``/``on_exception``/``teardown``;
-  activation hooks installed on logging steps; optimizer-state norms after the step.
+  ``batch_start``, before it at the others). E.g. :class:`EagerLoggingSteps` (registered by the core
+  itself): ``torch.compile``'s ``force_eager`` stance set at ``batch_start`` of a tracked batch and
+  restored at ``before_optimizer_step``/``batch_end``/``on_exception``/``teardown``; activation hooks
+  installed on logging steps; optimizer-state norms after the step. Torch's optimizer step post-hook
+  is registered only for hooks that define ``after_optimizer_step``.
 - :class:`Collector`: ``core.collectors.append(collector)``; ``start(module)`` at the first batch
   of a logging step (e.g. to install activation hooks for that step only); at the optimizer step
   (each optimizer's, with several), ``pack(optimizer)`` returns a 1-D float64 tensor of partial
@@ -60,6 +62,7 @@ from torch.utils.hooks import RemovableHandle
 from param_monitor import distributed, stats, tags
 from param_monitor._torch import inverse_scale, optimizer_unscaled
 from param_monitor.checks import FitWarnings
+from param_monitor.compile import EagerStance, tracking_blocked
 from param_monitor.config import MonitorConfig
 from param_monitor.nonfinite import NonFinitePolicy, NonFiniteReport
 from param_monitor.phases import Problem, StepMachine
@@ -68,7 +71,7 @@ from param_monitor.sinks import Sink
 from param_monitor.update_ratio import UpdateRatio
 from param_monitor.watcher import ParameterWatcher
 
-__all__ = ["Collector", "MonitorConfig", "MonitorCore", "Runtime", "StepHook"]
+__all__ = ["Collector", "EagerLoggingSteps", "MonitorConfig", "MonitorCore", "Runtime", "StepHook"]
 
 Signature = tuple[tuple[str, int, type], ...]
 
@@ -142,7 +145,7 @@ class MonitorCore:
     def __init__(self, config: MonitorConfig, runtime: Runtime) -> None:
         self.config = config
         self.runtime = runtime
-        self.hooks: list[StepHook] = []
+        self.hooks: list[StepHook] = [EagerLoggingSteps(self)] if config.eager_logging_steps else []
         self.collectors: list[Collector] = []
         self.watcher: ParameterWatcher | None = None
         self.every_n = 0
@@ -180,9 +183,15 @@ class MonitorCore:
         self.every_n = every_n
         config = self.config
         self.warnings.unmatched_includes(module, config.include)
+        track = config.track_shared if track_shared is None else track_shared
+        # after the model was compiled or graphed (Lightning's `configure_model`): can its uses be seen?
+        why = tracking_blocked(module, config.eager_logging_steps) if track else None
+        if why is not None:
+            self.warnings.once("tracking-blocked", why)
+            track = False
         self.watcher = ParameterWatcher(
             module,
-            track_shared=config.track_shared if track_shared is None else track_shared,
+            track_shared=track,
             include=config.include,
             exclude=config.exclude,
             aggregate_depth=config.aggregate_depth,
@@ -320,7 +329,7 @@ class MonitorCore:
 
     def _watch_step(self, optimizer: Optimizer) -> None:
         """``after_optimizer_step`` from torch's public step post-hook (none for a step GradScaler skips)."""
-        if self.hooks and id(optimizer) not in self._post_hooks:
+        if id(optimizer) not in self._post_hooks and any(_overrides(h, "after_optimizer_step") for h in self.hooks):
             self._post_hooks[id(optimizer)] = optimizer.register_step_post_hook(
                 lambda opt, args, kwargs: self._hooks("after_optimizer_step", opt, self._stepping.get(id(opt), False))
             )
@@ -447,7 +456,8 @@ class MonitorCore:
                 return {k: v for k, v in metrics.items() if not _from_gradients(k)}
         else:
             self._report_nonfinite(self.nonfinite.from_metrics(metrics, step))
-        return self.warnings.partial_uses(metrics, layout, self.fit.accumulated_before)
+        summed_in = watcher.tracker.summed_in() if watcher.tracker is not None else {}
+        return self.warnings.partial_uses(metrics, layout, self.fit.accumulated_before, summed_in)
 
     def _read_pending_nonfinite(self) -> None:
         record = self.nonfinite.device_record()
@@ -481,6 +491,47 @@ class MonitorCore:
         inv_scale = inverse_scale(scaler) if still_scaled else None
         weights, grads = histogram_values(self.watcher.named_params, names, inv_scale)
         self.writer.histograms(weights, grads, scaler is not None, step, self.warnings.once)
+
+
+class EagerLoggingSteps(StepHook):
+    """``eager_logging_steps``: a tracked batch runs eagerly under ``torch.compile`` (see :mod:`param_monitor.compile`).
+
+    ``force_eager`` from the start of every tracked batch (a logging step, and the first step that names
+    the call sites) to its optimizer step, so that the compiled forward and backward run module by module
+    and the uses of shared parameters are seen; the user's stance is back for the optimizer step (with
+    several optimizers at the batch's end: the batch's later forward passes are tracked too), and after
+    an exception or the fit. Registered by the core for every shell (Lightning and the plain API).
+    """
+
+    def __init__(self, core: MonitorCore) -> None:
+        self.core = core
+        self.stance = EagerStance()
+
+    def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles the callback: a held stance is not state
+        return {"core": self.core, "stance": EagerStance()}
+
+    def batch_start(self, logging: bool) -> None:
+        watcher = self.core.watcher  # (run after the core's own work: the capture is installed)
+        if watcher is not None and watcher.tracking:
+            self.stance.enter()
+
+    def before_optimizer_step(self, optimizer: Optimizer, logging: bool) -> None:
+        if len(self.core.runtime.optimizers()) < 2:
+            self.stance.exit()  # the optimizer step (compiled or not) runs as the user set it
+
+    def batch_end(self, logging: bool) -> None:
+        self.stance.exit()
+
+    def on_exception(self, exc: BaseException) -> None:
+        self.stance.exit()
+
+    def teardown(self) -> None:
+        self.stance.exit()
+
+
+def _overrides(hook: StepHook, method: str) -> bool:
+    """Whether ``hook`` does something at ``method`` (no optimizer post-hook for hooks that do not)."""
+    return getattr(type(hook), method, None) is not getattr(StepHook, method)
 
 
 def _from_gradients(tag: str) -> bool:

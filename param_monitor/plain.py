@@ -31,7 +31,10 @@ the block or after it. With a ``GradScaler``, pass it as
 ``scaler=``; ``s.backward(scaler.scale(loss))``; call ``s.log`` after ``scaler.unscale_(optimizer)``
 if you unscale, else before ``scaler.step``. Several optimizers: pass them all as ``optimizers=``
 and call ``s.log`` for each before its step. Gradient accumulation: the micro-batches' backward
-passes in ONE ``with`` block (``s.backward`` once per micro-batch).
+passes in ONE ``with`` block (``s.backward`` once per micro-batch). A ``torch.compile``d model
+(or step function): the block of a tracked step runs eagerly from its start to ``s.log`` (or to the
+block's end with several optimizers), every other step compiled (``eager_logging_steps=False``:
+no per-use tracking, one warning; see :mod:`param_monitor.compile`).
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ class PlainMonitor:
         scaler: the AMP ``GradScaler`` of the loop, if any (the values are logged unscaled).
         optimizers: every optimizer of the loop, when there are several (one
             ``grad_norm_total/optimizer_{i}`` each); one optimizer is found by ``s.log``.
-        **options: the other options of ``ParameterMonitor`` (``track_shared``, ``include``, ...).
+        **options: the other options of ``ParameterMonitor`` (``track_shared``, ``include``,
+            ``eager_logging_steps``, ...).
     """
 
     def __init__(

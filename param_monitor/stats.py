@@ -9,14 +9,21 @@ The packed vector's layout is declared once, by :class:`StatsLayout`: its segmen
 each with the reduction a multi-process run applies to it. :func:`finalize` reads the segments in
 that order and the distributed path weighs them from the same declaration.
 
-Dtypes: fp16/bf16 values are reduced in fp32, fp64 stays fp64, complex values count as ``|z|``
-(norms, and the real part of dot products; complex parameters get no ``weight_mean``: a mean of
-complex values is not one number); sparse gradients are coalesced.
+Exactness: every sum is accumulated in float64 (:mod:`param_monitor.reduce`), whatever the input
+dtype (fp32, bf16, fp16, fp64): every logged norm, mean, share, cosine and error is within ~1e-14 of
+a float64 reference up to 2^27 values (torch's fp32 CPU norms were 2e-3 off at 2^25 values, 1.5e-2 at
+2^27), no finite fp32 input overflows or underflows (a 1e20 gradient has a finite, right norm; squares
+of 1e-30 do not vanish), the shards of a tensor add up to the whole (1e-9 and better), and the
+residual ``||sum c - g||`` sees the ~1e-8 rounding of an fp32 gradient. Complex values count as
+``|z|`` (norms, and the real part of dot products; complex parameters get no ``weight_mean``: a mean
+of complex values is not one number); sparse gradients are coalesced.
 
-Cost: one ``torch._foreach_norm`` pass over weights and gradients, plus one summation pass over
-the weights for the means: 1.4-1.7x a bare ``_foreach_norm`` of weights and gradients (the bandwidth
-floor) on its own, 2.0x inside a training step in ``benchmarks/monitor_overhead.py``. No CPU
-kernel gives a signed sum and a sum of squares in one pass (``torch.var_mean`` does, 8x slower).
+Cost: one pass over each weight and gradient (sum of squares and sum together), and one more pass
+per shared parameter over its uses and its gradient (giving the gradient's sum of squares too): on
+CPU one call of a compiled kernel for the whole step, elsewhere float64 torch ops. On the benchmark
+model (2026-12-06, 2-core CI-class VM shared with other jobs, ``benchmarks/monitor_overhead.py``),
+the statistics alone take 0.94-1.13x one ``torch._foreach_norm`` of every weight and gradient (the
+bandwidth floor); see the benchmark's SUMMARY for the monitor's whole time per logged step.
 
 The toy from the textbook: a bias-free ``Linear(1, 1)`` with weight 3 used twice on input 1.
 
@@ -47,6 +54,7 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from param_monitor import reduce
 from param_monitor.distributed import replica_weights
 from param_monitor.dtensor import local_tensor
 from param_monitor.tags import (  # noqa: F401  (re-exported: the schema lives in tags.py)
@@ -131,41 +139,6 @@ class StatsLayout:
         return replica_weights(replicas, length)
 
 
-def _dense(t: Tensor) -> Tensor:
-    return t.coalesce().values() if t.is_sparse else t
-
-
-def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """L2 norms, fused per dtype: fp16/bf16/fp32 accumulated in fp32, fp64 in fp64, complex as |z|."""
-    if not tensors:
-        return []
-    out: list[Tensor | None] = [None] * len(tensors)
-    groups: dict[torch.dtype | None, list[int]] = {}
-    for i, t in enumerate(tensors):
-        key = t.dtype if (t.dtype == torch.float64 or t.is_complex()) else None
-        groups.setdefault(key, []).append(i)
-    for key, index in groups.items():
-        dense = [_dense(tensors[i]) for i in index]
-        norms = torch._foreach_norm(dense, 2) if key is not None else torch._foreach_norm(dense, 2, dtype=torch.float32)
-        for i, n in zip(index, norms, strict=True):
-            out[i] = n
-    return out  # type: ignore[return-value]
-
-
-def _stack_double(scalars: Sequence[Tensor]) -> Tensor:
-    """One float64 vector of 0-dim results: one stack per dtype, not one conversion per scalar."""
-    first = scalars[0]
-    if all(s.dtype == first.dtype and s.device == first.device for s in scalars):
-        return torch.stack(list(scalars)).double()
-    return torch.stack([s.to(first.device, torch.float64) for s in scalars])  # mixed dtypes or devices
-
-
-def _sum(t: Tensor) -> Tensor:
-    if t.is_complex():
-        return t.new_zeros((), dtype=torch.float64)  # no mean for complex values (StatsLayout.no_mean)
-    return _dense(t).sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
-
-
 def partial_sums(
     weights: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -180,23 +153,46 @@ def partial_sums(
     gradient-derived sum of squares, e.g. ``1/scale**2`` when gradients are still scaled by AMP.
     ``dead_unit_grads``: gradients whose rows (output units) that are all zero are counted.
     """
+    # a shared parameter's gradient is read once, by its shared pass, which gives its |g|^2 too
+    in_shared = {id(g) for g, _ in shared}
+    own = [g for g in grads if id(g) not in in_shared]
+    moments, grams = reduce.reduce([*weights, *own], [(uses, g) for g, uses in shared])
     pieces: list[Tensor] = []
-    norms = _norms([*weights, *grads])
-    if norms:
-        sq = _stack_double(norms).square()
-        w_sq, g_sq = sq[: len(weights)], sq[len(weights) :]
+    if weights or grads:
+        n_w = len(weights)
+        w_sum = moments[:n_w, 1]
+        if any(w.is_complex() for w in weights):  # no mean for complex values (StatsLayout.no_mean)
+            real = torch.tensor([0.0 if w.is_complex() else 1.0 for w in weights], dtype=torch.float64)
+            w_sum = w_sum * real.to(w_sum.device, non_blocking=True)
+        g_sq = _grad_squares(grads, moments[n_w:, 0], shared, grams)
         if grad_scale is not None:
             g_sq = g_sq * grad_scale
-        w_sum = _stack_double([_sum(w) for w in weights]) if weights else w_sq.new_zeros(0)
-        pieces += [w_sq, w_sum, g_sq]
+        pieces += [moments[:n_w, 0], w_sum, g_sq]
     if dead_unit_grads:
         pieces.append(torch.stack([_dead_rows(g) for g in dead_unit_grads]).double())
-    for grad, uses in shared:
-        pieces.append(_shared_partial_sums(grad, uses, grad_scale))
+    for gram in grams:  # [|c_i|^2, <c_i, c_j>, |sum c - g|^2] (|g|^2 went to grad_sq)
+        pieces.append(gram[:-1] * grad_scale if grad_scale is not None else gram[:-1])
     if not pieces:
         return torch.zeros(0, dtype=torch.float64)
     device = pieces[0].device
     return torch.cat([p.to(device) for p in pieces])
+
+
+def _grad_squares(
+    grads: Sequence[Tensor], own_sq: Tensor, shared: Sequence[tuple[Tensor, Sequence[Tensor]]], grams: list[Tensor]
+) -> Tensor:
+    """|g|^2 in ``grads``' order: from the per-tensor pass, and for shared parameters from their shared pass."""
+    if not grams:
+        return own_sq
+    from_shared = {id(g): k for k, (g, _) in enumerate(shared)}
+    n_own, order, k_own = own_sq.numel(), [], 0
+    for g in grads:
+        k = from_shared.get(id(g))
+        order.append(k_own if k is None else n_own + k)
+        k_own += k is None
+    shared_sq = torch.stack([gram[-1] for gram in grams]).to(own_sq.device)
+    index = torch.tensor(order, dtype=torch.long).to(own_sq.device, non_blocking=True)
+    return torch.cat([own_sq, shared_sq]).index_select(0, index)
 
 
 def _dead_rows(grad: Tensor) -> Tensor:
@@ -211,31 +207,6 @@ def _pair_count(m: int) -> int:
     cosines near 0 came out 1e-4 wrong (relative) in fp32.
     """
     return m * (m - 1) // 2
-
-
-def _shared_partial_sums(grad: Tensor, uses: Sequence[Tensor], grad_scale: Tensor | None) -> Tensor:
-    """[‖c_i‖² (m), <c_i, c_j> (i<j), ‖S − grad‖²], S = Σ c_i.
-
-    The uses are read, never written (they may be autograd's own tensors).
-    """
-    uses = [u.to_dense() if u.is_sparse else u for u in uses]
-    total = uses[0]
-    if len(uses) > 1:
-        total = uses[0] + uses[1]
-        for other in uses[2:]:
-            total.add_(other)
-    sq = _stack_double(_norms(uses)).square()
-    dots = [
-        torch.vdot(uses[i].reshape(-1), uses[j].reshape(-1)).real.double()
-        for i in range(len(uses))
-        for j in range(i + 1, len(uses))
-    ]
-    # Σ uses − grad: the sum is the monitor's own, not autograd's
-    dense_grad = grad.to_dense() if grad.is_sparse else grad
-    residual = total.sub_(dense_grad) if len(uses) > 1 else torch.sub(total, dense_grad)
-    err_sq = _norms([residual])[0].to(torch.float64).square().reshape(1)
-    out = torch.cat([sq, torch.stack(dots) if dots else sq.new_zeros(0), err_sq])
-    return out * grad_scale if grad_scale is not None else out
 
 
 def finalize(values: Sequence[float], layout: StatsLayout, aggregate_depth: int | None = None) -> dict[str, float]:
@@ -320,13 +291,17 @@ def _finalize_shared(name: str, sites: list[str], it: Iterator[float], grad_norm
         along[i] += dot
         along[j] += dot
     total = math.fsum(along)
-    for site, value in zip(sites, along, strict=True):
-        out[f"{SHARED_GRAD_SHARE}/{name}/{site}"] = value / total if total > 0 else math.nan
+    # no gradient at all through the uses (an expert whose tokens are all zero): no shares rather than 0/0;
+    # a non-finite gradient keeps its NaN shares (the non-finite report covers it)
+    if total > 0 or not math.isfinite(total):
+        for site, value in zip(sites, along, strict=True):
+            out[f"{SHARED_GRAD_SHARE}/{name}/{site}"] = value / total
     out[f"{SHARED_GRAD_ERROR}/{name}"] = err / grad_norm if grad_norm > 0 else (0.0 if err == 0 else math.inf)
     cosines = [
         dot / (norms[i] * norms[j]) for (i, j), dot in zip(pairs, dots, strict=True) if norms[i] > 0 and norms[j] > 0
     ]
-    out[f"{SHARED_GRAD_COSINE}/{name}"] = sum(cosines) / len(cosines) if cosines else math.nan
+    if cosines:  # fewer than two uses with a gradient (a tied alias used once): no cosine, not NaN
+        out[f"{SHARED_GRAD_COSINE}/{name}"] = sum(cosines) / len(cosines)
     return out
 
 
@@ -349,6 +324,10 @@ def parameter_statistics(
     return finalize(to_host(packed), layout)
 
 
+# exact types, never a DTensor (an isinstance check on a Parameter costs ~1 us: its metaclass)
+_PLAIN = frozenset({Tensor, torch.nn.Parameter})
+
+
 def pack(
     named_params: Sequence[tuple[str, Tensor]],
     contributions: Mapping[str, Mapping[str, Tensor]],
@@ -359,24 +338,39 @@ def pack(
 
     ``dead_unit_names``: the weights (of Linear/Conv layers) whose all-zero gradient rows are counted.
     """
-    # sharded (DTensor) parameters: partial sums of the local shards, numel of the whole tensor
-    weights = [(n, local_tensor(p).detach()) for n, p in named_params]
-    grads = [(n, local_tensor(p.grad)) for n, p in named_params if p.grad is not None]
-    grad_by_name = dict(grads)
+    # sharded (DTensor) parameters: partial sums of the local shards, numel of the whole tensor.
+    # One loop, cheap checks first: 5,000 tensors make every microsecond per tensor 5 ms.
+    w_names: list[str] = []
+    weights: list[Tensor] = []
+    numels: list[int] = []
+    g_names: list[str] = []
+    grads: list[Tensor] = []
+    no_mean: list[str] = []
+    for n, p in named_params:
+        w_names.append(n)
+        weights.append(p if type(p) in _PLAIN else local_tensor(p))  # read under no_grad: no detach
+        numels.append(p.numel())
+        if p.is_complex():
+            no_mean.append(n)
+        g = p.grad
+        if g is not None:
+            g_names.append(n)
+            grads.append(g if type(g) in _PLAIN else local_tensor(g))
+    grad_by_name = dict(zip(g_names, grads, strict=True))
     shared = [(n, uses) for n, uses in contributions.items() if n in grad_by_name and uses]
     dead = [(n, p) for n, p in named_params if n in dead_unit_names and n in grad_by_name and p.dim() >= 2]
     dead = [(n, p) for n, p in dead if not grad_by_name[n].is_sparse]
     layout = StatsLayout(
-        weight_names=[n for n, _ in weights],
-        weight_numels=[p.numel() for _, p in named_params],
-        grad_names=[n for n, _ in grads],
+        weight_names=w_names,
+        weight_numels=numels,
+        grad_names=g_names,
         shared=[(n, list(uses)) for n, uses in shared],
-        no_mean=frozenset(n for n, p in named_params if p.is_complex()),
+        no_mean=frozenset(no_mean),
         dead_units=[(n, p.shape[0]) for n, p in dead],
     )
     packed = partial_sums(
-        [w for _, w in weights],
-        [g for _, g in grads],
+        weights,
+        grads,
         [(grad_by_name[n], list(uses.values())) for n, uses in shared],
         grad_scale,
         [grad_by_name[n] for n, _ in dead],

@@ -89,8 +89,6 @@ class ParameterWatcher:
     def refresh(self) -> None:
         """Re-read the parameter list (after lazy parameters were materialized)."""
         old = getattr(self, "tracker", None)
-        if old is not None:
-            old.stop()
         self.named_params: list[tuple[str, nn.Parameter]] = [
             (n, p)
             for n, p in self.module.named_parameters()
@@ -105,7 +103,13 @@ class ParameterWatcher:
                 "parameters is switched off (per-tensor statistics still work, summed over the shards)."
             )
             self.track_shared = False
-        self.tracker = SharedUseTracker(self.module, param_filter=self._keep) if self.track_shared else None
+        if self.track_shared and old is not None and old.active:
+            old.reindex()  # a parameter added during a tracked step: the others keep this step's uses
+            self.tracker = old
+        else:
+            if old is not None:
+                old.stop()
+            self.tracker = SharedUseTracker(self.module, param_filter=self._keep) if self.track_shared else None
         self._dead_unit_names = _unit_weights(self.module) if self.dead_units else frozenset()
 
     def lazy_materialized(self) -> bool:

@@ -337,9 +337,11 @@ def test_frozen_and_unused_parameters_get_weight_stats_only(tmp_path: Path) -> N
 def test_lazy_parameters_materialized_during_fit(tmp_path: Path) -> None:
     module = SharedMLP(lazy=True)
     trainer, scalars = fit(module, tmp_path, max_steps=3)
-    # materialized by step 0's forward: per-tensor stats from step 0, shared uses from step 1
+    # materialized by step 0's forward: per-tensor stats and shared uses from step 0 (the step's uses
+    # are kept when the parameter list is re-read); the oracle needs the weights before the forward
     assert sorted(scalars["grad_norm/net.3.weight"]) == [0, 1, 2]
-    assert sorted(scalars["shared_grad/net.3.weight/net.6"]) == [1, 2]
+    assert sorted(scalars["shared_grad/net.3.weight/net.6"]) == [0, 1, 2]
+    assert scalars["shared_grad_error/net.3.weight"][0] < 1e-6
     check_against_oracle(module, scalars, [1, 2])
     text = load_events(trainer.logger.log_dir).Tensors("param_monitor/parameters/text_summary")
     table = text[0].tensor_proto.string_val[0].decode()
@@ -452,7 +454,8 @@ def test_resume_continues_steps_without_duplicates(tmp_path: Path) -> None:
     check_against_oracle(module, scalars, [4, 5, 6, 7])
 
 
-def test_compiled_model_keeps_per_tensor_stats_and_warns(tmp_path: Path) -> None:
+def test_compiled_model_keeps_per_tensor_stats_and_per_use_tracking(tmp_path: Path) -> None:
+    # the logging steps run eagerly (tests/test_compile.py checks every way of compiling against a twin)
     class Compiled(SharedMLP):
         shared_sites = {}
 
@@ -461,11 +464,11 @@ def test_compiled_model_keeps_per_tensor_stats_and_warns(tmp_path: Path) -> None
             self.net = torch.compile(self.net, backend="eager")
 
     module = Compiled()
-    with pytest.warns(UserWarning, match="compile"):
-        _, scalars = fit(module, tmp_path, max_steps=2)
+    _, scalars = fit(module, tmp_path, max_steps=2)
     name = "net._orig_mod.3.weight"
     assert_close(scalars[f"grad_norm/{name}"][1], module.grads[1][name].norm().item())
-    assert not [t for t in scalars if t.startswith("shared_grad")]
+    assert {f"shared_grad/{name}/net._orig_mod.{k}" for k in (3, 6)} <= set(scalars)
+    assert scalars[f"shared_grad_error/{name}"][1] < 1e-6
 
 
 def test_histograms_and_summary_are_written(tmp_path: Path) -> None:
@@ -730,7 +733,7 @@ def test_exception_on_a_logging_step_leaves_no_hooks(tmp_path: Path) -> None:
     check_against_oracle(module, scalars, [0, 1, 2])
 
 
-def test_compile_in_configure_model_turns_tracking_off_with_warning(tmp_path: Path) -> None:
+def test_compile_without_eager_logging_steps_turns_tracking_off_with_warning(tmp_path: Path) -> None:
     class CompiledLate(SharedMLP):
         shared_sites = {}
 
@@ -739,8 +742,8 @@ def test_compile_in_configure_model_turns_tracking_off_with_warning(tmp_path: Pa
                 self.net = torch.compile(self.net, backend="eager")
 
     module = CompiledLate()
-    with pytest.warns(UserWarning, match="compile"):
-        _, scalars = fit(module, tmp_path, max_steps=2)
+    with pytest.warns(UserWarning, match="compile"):  # no eager logging steps: no per-use tracking
+        _, scalars = fit(module, tmp_path, ParameterMonitor(eager_logging_steps=False), max_steps=2)
     name = "net._orig_mod.3.weight"
     for step in (0, 1):
         assert_close(scalars[f"grad_norm/{name}"][step], module.grads[step][name].norm().item())
@@ -762,6 +765,7 @@ def test_compile_in_configure_model_turns_tracking_off_with_warning(tmp_path: Pa
         ({"log_summary": 1}, r"`log_summary` must be True or False"),
         ({"check_finite_every_step": None}, r"`check_finite_every_step` must be True or False"),
         ({"raise_on_nonfinite": "yes"}, r"`raise_on_nonfinite` must be True or False"),
+        ({"eager_logging_steps": 1}, r"`eager_logging_steps` must be True or False, got 1"),
         ({"log_every_n_steps": True}, r"`log_every_n_steps` must be a positive int.*True"),
         ({"histogram_every_n_steps": True}, r"`histogram_every_n_steps` must be an int >= 0"),
         ({"aggregate_depth": True}, r"`aggregate_depth` must be a positive int"),

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import pickle
+import warnings
+from pathlib import Path
+from typing import Any
 
+import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 
+from param_monitor._lightning import step_label
 from param_monitor.sharing import EARLIER_SITE, OUTSIDE_SITE, ROOT_SITE, SharedUseTracker
+from tests.helpers.modules import SharedMLP, check_against_oracle, data_of, fit
 from tests.helpers.uses import assert_matches, copies, oracle_grads, tracked_step
 
 
@@ -575,3 +582,322 @@ def test_copy_or_pickle_of_the_model_during_a_tracked_step_carries_nothing() -> 
     tracker.stop()
     assert not torch.nn.modules.module._global_forward_pre_hooks
     assert not torch.nn.modules.module._global_forward_hooks
+
+
+# -- uses through one index of one tensor (MoE experts as one 3-D parameter) ---------------------------
+def test_a_select_of_one_index_is_named_by_the_index() -> None:
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4, 3, 3))
+    model = nn.Module()
+    model.w = w
+    x = torch.randn(2, 3)
+
+    def loss() -> torch.Tensor:
+        h = torch.tanh(x @ w[2]) @ w[-1]  # a negative index names the same expert as its positive twin
+        h = h @ w[torch.tensor(2)] @ w[torch.tensor([0])][0] @ torch.index_select(w, 0, torch.tensor([1]))[0]
+        return (h @ w[:, 1].t()).sum()  # a select along dim 1
+
+    got, tracker = tracked_step(model, loss)
+    assert list(got["w"]) == [
+        f"{OUTSIDE_SITE}[2]:0",
+        f"{OUTSIDE_SITE}[3]",
+        f"{OUTSIDE_SITE}[2]:1",
+        f"{OUTSIDE_SITE}[0]",
+        f"{OUTSIDE_SITE}[1]",
+        f"{OUTSIDE_SITE}[:, 1]",
+    ]
+    assert torch.allclose(sum(got["w"].values()), w.grad, atol=1e-6)
+    assert got["w"][f"{OUTSIDE_SITE}[3]"][:3].abs().sum() == 0  # the use of expert 3 touches its row only
+
+
+# -- opaque nodes ---------------------------------------------------------------------------------------
+class Graphed(torch.autograd.Function):
+    """Named like the Function ``torch.cuda.make_graphed_callables`` builds: its node is ``GraphedBackward``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, w)
+        return torch.tanh(x @ w) @ w  # two uses of w inside one node
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, w = ctx.saved_tensors
+        with torch.enable_grad():
+            x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+            out = torch.tanh(x @ w) @ w
+        return torch.autograd.grad(out, (x, w), grad)
+
+
+def test_uses_inside_a_replayed_cuda_graph_are_not_attributed() -> None:
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    net = nn.Sequential(shared, shared)
+    got, tracker = tracked_step(net, lambda: Graphed.apply(net(torch.randn(3, 4)), shared.weight).sum())
+    assert "0.weight" not in got and list(got["0.bias"]) == ["0", "1"]
+    assert list(tracker.unattributed()) == ["0.weight"] and "CUDA graph" in tracker.unattributed()["0.weight"]
+
+
+def test_reentrant_checkpointing_lists_only_the_parameters_used_inside() -> None:
+    torch.manual_seed(0)
+    inner, outer = nn.Linear(4, 4), nn.Linear(4, 4)
+    net, x = nn.Sequential(outer, inner, outer, nn.Linear(4, 1)), torch.randn(3, 4)
+    got, tracker = tracked_step(net, lambda: net[3](net[2](checkpoint(inner, net[0](x), use_reentrant=True))).sum())
+    assert set(tracker.unattributed()) == {"1.weight", "1.bias"}
+    assert list(got["0.weight"]) == ["0#0", "0#1"]  # used outside the segment: still split
+    assert torch.allclose(sum(got["0.weight"].values()), outer.weight.grad, atol=1e-6)
+
+
+def test_autocast_cast_cache_records_the_low_precision_sum() -> None:
+    shared = nn.Linear(4, 4)
+    net = nn.Sequential(shared, nn.Tanh(), shared)
+
+    def loss() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return net(torch.randn(3, 4)).float().sum()
+
+    _, tracker = tracked_step(net, loss)
+    assert tracker.summed_in() == {"0.weight": torch.bfloat16, "0.bias": torch.bfloat16}
+    _, tracker = tracked_step(net, lambda: net(torch.randn(3, 4)).sum())
+    assert tracker.summed_in() == {}
+
+
+# -- in a Trainer: names, warnings, tags never written wrong -----------------------------------------
+def fit_recording_warnings(module: pl.LightningModule, tmp_path: Path, **kwargs: Any) -> tuple[dict, list[str]]:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, scalars = fit(module, tmp_path, **kwargs)
+    return scalars, [str(w.message) for w in record if "ParameterMonitor" in str(w.message)]
+
+
+def experts_forward(h: torch.Tensor, route: torch.Tensor, w: Any) -> torch.Tensor:
+    """Mixtral-style: the experts hit by the routing, in expert order, each reading ``w(e)``."""
+    out = torch.zeros_like(h)
+    for e in route.unique().tolist():
+        mask = route == e
+        out[mask] = torch.tanh(h[mask] @ w(e))
+    return out
+
+
+class ExpertTensor(nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(n, 4, 4) / 2)
+
+    def forward(self, h: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        return experts_forward(h, route, lambda e: self.w[e])
+
+
+class MoE(pl.LightningModule):
+    """Experts as ONE 3-D parameter, ``w[e]`` per expert; the routing changes every step."""
+
+    E = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 4)
+        self.experts = ExpertTensor(self.E)
+        self.snapshots: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]] = {}
+
+    @staticmethod
+    def routing(step: int, n: int) -> torch.Tensor:
+        # tokens alternate between experts step % 3 and (step + 1) % 3: the pair changes every step,
+        # one of experts 0-2 gets no token on each step, expert 3 never gets one
+        return torch.tensor([(step + i % 2) % 3 for i in range(n)])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (x,) = batch
+        step = step_label(self.trainer)
+        route = self.routing(step, len(x))
+        hit = route.unique().tolist()
+        self.snapshots[step] = (x.clone(), self.inp.weight.detach().clone(), self.experts.w.detach().clone(), hit)
+        return self.experts(self.inp(x), route).pow(2).sum()
+
+    def oracle(self, step: int) -> dict[int, torch.Tensor]:
+        """Each expert's own copy of the whole 3-D tensor: its gradient is that expert's contribution."""
+        x, inp_w, w, hit = self.snapshots[step]
+        copies = {e: w.clone().requires_grad_() for e in hit}
+        h = F.linear(x, inp_w, self.inp.bias.detach())  # the bias is never stepped (see the optimizer)
+        loss = experts_forward(h, self.routing(step, len(x)), lambda e: copies[e][e]).pow(2).sum()
+        grads = torch.autograd.grad(loss, list(copies.values()))
+        return dict(zip(copies, grads, strict=True))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([self.inp.weight, self.experts.w], lr=0.05)  # inp.bias stays as it is
+
+
+def test_moe_experts_of_one_tensor_are_named_by_the_expert_across_steps(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = MoE()
+    scalars, warned = fit_recording_warnings(module, tmp_path, data=data_of(torch.randn(32, 4), batch_size=4))
+    assert not warned
+    series = {t: v for t, v in scalars.items() if t.startswith("shared_grad/experts.w/")}
+    assert set(series) == {f"shared_grad/experts.w/experts[{e}]" for e in range(3)}  # expert 3: never a token
+    for step in range(4):
+        want = module.oracle(step)
+        assert {t for t, v in series.items() if step in v} == {f"shared_grad/experts.w/experts[{e}]" for e in want}
+        for e, grad in want.items():
+            assert math.isclose(series[f"shared_grad/experts.w/experts[{e}]"][step], grad.norm().item(), rel_tol=1e-5)
+        total = sum(g.double() for g in want.values())
+        for e, grad in want.items():
+            share = ((grad.double() * total).sum() / total.square().sum()).item()
+            assert abs(scalars[f"shared_grad_share/experts.w/experts[{e}]"][step] - share) < 1e-6
+    assert all(math.isfinite(v) for tag in scalars if tag.startswith("shared_grad") for v in scalars[tag].values())
+
+
+class Checkpointed(pl.LightningModule):
+    """A tied embedding/head around two blocks, the first under reentrant checkpointing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(7, 4)
+        self.block0, self.block1, self.norm = nn.Linear(4, 4), nn.Linear(4, 4), nn.LayerNorm(4)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (idx,) = batch
+        h = checkpoint(lambda t: torch.tanh(self.block0(t)), self.wte(idx), use_reentrant=True)
+        return F.linear(self.norm(torch.tanh(self.block1(h))), self.wte.weight).logsumexp(-1).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_reentrant_checkpointing_is_one_warning_naming_the_segment_parameters(tmp_path: Path) -> None:
+    module = Checkpointed()
+    scalars, warned = fit_recording_warnings(module, tmp_path, data=data_of(torch.randint(0, 7, (16, 3))))
+    assert len(warned) == 1 and "reentrant" in warned[0]
+    assert "`block0.weight`, `block0.bias`" in warned[0]
+    assert not any(name in warned[0] for name in ("block1", "norm", "wte"))
+    assert scalars["shared_grad_error/wte.weight"][3] < 1e-6  # used outside the segment: still split
+    assert {"shared_grad/wte.weight/wte", f"shared_grad/wte.weight/{OUTSIDE_SITE}"} <= set(scalars)
+
+
+class CastCache(pl.LightningModule):
+    """Plain ``torch.autocast``: one bf16 copy of ``layer.weight`` for its five uses, summed in bf16.
+
+    Four uses pull one way, the first one (summed last) nearly cancels them: the partial sums are
+    large, and their bf16 rounding is ~3e-2 of the gradient, though every use is seen.
+    """
+
+    K = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 8, bias=False)
+        g = torch.Generator().manual_seed(0)
+        self.register_buffer("xs", torch.randn(self.K, 16, 8, generator=g) * 0.3 + torch.randn(16, 8, generator=g))
+        self.register_buffer("last", self.xs.mean(0) + 0.1 * torch.randn(16, 8, generator=g))
+        self.hand_grad = False
+        self.uses: dict[int, list[torch.Tensor]] = {}
+
+    def outputs(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        out = -self.K * F.linear(self.last, weights[0])
+        for x, w in zip(self.xs, weights[1:], strict=True):
+            out = out + F.linear(x, w)
+        return out
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        copies = [self.layer.weight.detach().clone().requires_grad_() for _ in range(self.K + 1)]
+        with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            twin = (self.outputs(copies).float() * batch[0].mean()).sum()
+        self.uses[step_label(self.trainer)] = list(torch.autograd.grad(twin, copies))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = -self.K * self.layer(self.last)
+            for x in self.xs:
+                out = out + self.layer(x)
+            return (out.float() * batch[0].mean()).sum()
+
+    def on_after_backward(self) -> None:
+        if self.hand_grad:  # a gradient the monitor never saw: more than the rounding
+            self.layer.weight.grad.add_(1.0)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def test_autocast_cast_cache_rounding_is_not_an_unseen_use(tmp_path: Path) -> None:
+    module = CastCache()
+    scalars, warned = fit_recording_warnings(module, tmp_path, data=data_of(torch.rand(16, 1) + 1))
+    assert not warned
+    assert max(scalars["shared_grad_error/layer.weight"].values()) > 1e-2  # the bf16 sum: above the fp32 rule
+    sites = [f"layer#{k}" for k in range(module.K + 1)]
+    for step, uses in module.uses.items():
+        for site, use in zip(sites, uses, strict=True):  # each use is exact: the twin's cast of its own copy
+            assert math.isclose(scalars[f"shared_grad/layer.weight/{site}"][step], use.norm().item(), rel_tol=1e-5)
+
+
+def test_an_unseen_use_under_autocast_names_the_cast_cache_too(tmp_path: Path) -> None:
+    module = CastCache()
+    module.hand_grad = True
+    _, warned = fit_recording_warnings(module, tmp_path, data=data_of(torch.rand(16, 1) + 1))
+    assert len(warned) == 1 and "bfloat16 rounding of autocast's weight-cast cache" in warned[0]
+
+
+class TiedOnce(pl.LightningModule):
+    """A layer registered under two names (a tied alias) and used once: one use, no cosine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a
+        self.out = nn.Linear(4, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.out(torch.tanh(self.a(batch[0]))).pow(2).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_no_cosine_for_a_single_use(tmp_path: Path) -> None:
+    scalars, _ = fit_recording_warnings(TiedOnce(), tmp_path, data=data_of(torch.randn(32, 4)))
+    assert scalars["shared_grad_share/a.weight/a"] == {s: 1.0 for s in range(4)}
+    assert "shared_grad_cosine/a.weight" not in scalars
+    assert all(math.isfinite(v) for values in scalars.values() for v in values.values())
+
+
+class GrowsAParameter(SharedMLP):
+    """At step 1 (a logging step) ``training_step`` creates a parameter and uses it."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if step_label(self.trainer) == 1 and not hasattr(self, "extra"):
+            self.extra = nn.Parameter(torch.zeros(3))
+        return super().training_step(batch, batch_idx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out + self.extra if hasattr(self, "extra") else out
+
+    def forward_uses(self, x: torch.Tensor, w: dict[str, dict[str, torch.Tensor]]) -> torch.Tensor:
+        out = super().forward_uses(x, w)
+        return out + self.extra if hasattr(self, "extra") else out
+
+
+def test_a_parameter_added_on_a_logging_step_keeps_the_others_per_use_tags(tmp_path: Path) -> None:
+    module = GrowsAParameter()
+    scalars, warned = fit_recording_warnings(module, tmp_path)
+    assert not warned
+    check_against_oracle(module, scalars, [0, 1, 2, 3])
+    assert set(scalars["grad_norm/extra"]) == {1, 2, 3}
+
+
+class ZeroOnStep(pl.LightningModule):
+    """A bias-free layer used twice whose input is all zeros on step 1: both uses are exactly zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4, bias=False)
+        self.out = nn.Linear(4, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = batch[0] * (step_label(self.trainer) != 1)
+        return self.out(self.layer(torch.tanh(self.layer(x)))).pow(2).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_uses_without_any_gradient_get_no_share_rather_than_nan(tmp_path: Path) -> None:
+    scalars, _ = fit_recording_warnings(ZeroOnStep(), tmp_path, data=data_of(torch.randn(32, 4)))
+    assert scalars["shared_grad/layer.weight/layer#0"][1] == 0.0
+    assert sorted(scalars["shared_grad_share/layer.weight/layer#0"]) == [0, 2, 3]
+    assert all(math.isfinite(v) for values in scalars.values() for v in values.values())
