@@ -185,3 +185,16 @@ def test_update_ratio_and_dead_units_charts_follow_the_gradient_norms() -> None:
     tags = [*TAGS, "update_ratio/model.net.0.weight", "dead_units/model.net.0.weight", "update_ratio_x"]
     assert matching(charts[UPDATE_RATIO_CHART[0]], tags) == ["update_ratio/model.net.0.weight"]
     assert matching(charts[DEAD_UNITS_CHART[0]], tags) == ["dead_units/model.net.0.weight"]
+
+
+def test_a_family_registered_later_gets_a_chart_when_its_option_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from param_monitor import tags
+
+    family = tags.MetricFamily("activation_std", "site", "sum_over_numel", "heatmap", "linear", "log_activations",
+                               "standard deviation of a module's output")  # fmt: skip
+    monkeypatch.setattr(tags, "FAMILIES", (*tags.FAMILIES, family))
+    off = [c.title for c in custom_scalars_layout({}).category[0].chart]
+    on = custom_scalars_layout({}, options={"log_activations": True}).category[0].chart
+    assert off == ["gradient norms", "weight norms", "weight means"]
+    assert [c.title for c in on] == off + ["activation_std: standard deviation of a module's output"]
+    assert list(on[-1].multiline.tag) == [r"^activation_std/.*$"]
