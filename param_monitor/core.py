@@ -202,7 +202,8 @@ class MonitorCore:
         self._stepping: dict[int, bool] = {}  # per optimizer: whether its step under way is a logging one
 
     def _new_writer(self) -> RunWriter:
-        return RunWriter(lambda: self.runtime.sinks(), self.config.log_update_ratio, self.config.log_dead_units)
+        flags = {k: v for k, v in vars(self.config).items() if isinstance(v, bool)}  # the options a family may need
+        return RunWriter(lambda: self.runtime.sinks(), self.config.log_update_ratio, self.config.log_dead_units, flags)
 
     def __getstate__(self) -> dict[str, Any]:  # ddp_spawn pickles the callback: hooks and modules are not state
         state = self.__dict__.copy()

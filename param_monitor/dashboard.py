@@ -32,7 +32,9 @@ from typing import Any, Protocol
 
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-__all__ = ["custom_scalars_layout", "shared_parameter_regex", "write_layout", "layout_as_dict"]
+from param_monitor import tags
+
+__all__ = ["custom_scalars_layout", "shared_parameter_regex", "write_layout", "layout_as_dict", "registered_charts"]
 
 # (chart title, regex) for the charts every model gets, in the order they are drawn:
 # gradients before weights, as they move first when training goes wrong.
@@ -85,11 +87,33 @@ def _multiline(title: str, regex: str) -> layout_pb2.Chart:
     return layout_pb2.Chart(title=title, multiline=layout_pb2.MultilineChartContent(tag=[regex]))
 
 
+#: Families with a chart of their own above; any other registered family gets one from the registry.
+_CHARTED = (
+    tags.GRAD_NORM, tags.GRAD_NORM_TOTAL, tags.WEIGHT_NORM, tags.WEIGHT_MEAN, tags.UPDATE_RATIO, tags.DEAD_UNITS,
+    tags.SHARED_GRAD, tags.SHARED_GRAD_SHARE, tags.SHARED_GRAD_ERROR, tags.SHARED_GRAD_COSINE,
+)  # fmt: skip
+
+
+def registered_charts(options: Mapping[str, bool]) -> list[tuple[str, str]]:
+    """``(title, regex)`` for every registered family this module has no chart of its own for (a
+    statistic added later: per-site activations, optimizer state), when its option is on.
+
+    >>> registered_charts({})
+    []
+    """
+    return [
+        (f"{f.name}: {f.meaning}", rf"^{re.escape(f.name)}/.*$")
+        for f in tags.FAMILIES
+        if f.name not in _CHARTED and (f.option is None or options.get(f.option, False))
+    ]
+
+
 def custom_scalars_layout(
     shared_sites: Mapping[str, Sequence[str]],
     title: str = "param_monitor",
     update_ratio: bool = False,
     dead_units: bool = False,
+    options: Mapping[str, bool] | None = None,
 ) -> layout_pb2.Layout:
     """Build the custom-scalars layout: one category ``title`` with multi-line charts.
 
@@ -101,7 +125,9 @@ def custom_scalars_layout(
     what the top of the page should show; the two checks of the split (error, cosine)
     come last, flat lines unless something is wrong.  With no shared parameters, only
     the model charts remain. ``update_ratio``/``dead_units`` (the callback's opt-in flags) add
-    their charts right after the gradient norms.
+    their charts right after the gradient norms. ``options`` (a monitor option's name: on or off) adds
+    a chart for each family registered later whose option is on (:func:`registered_charts`), after
+    the model charts.
 
     >>> [c.title for c in custom_scalars_layout({}, title="mlp").category[0].chart]
     ['gradient norms', 'weight norms', 'weight means']
@@ -112,6 +138,7 @@ def custom_scalars_layout(
     model = list(MODEL_CHARTS)
     model[1:1] = [c for c, on in ((UPDATE_RATIO_CHART, update_ratio), (DEAD_UNITS_CHART, dead_units)) if on]
     charts += [_multiline(chart_title, regex) for chart_title, regex in model]
+    charts += [_multiline(chart_title, regex) for chart_title, regex in registered_charts(options or {})]
     if shared_sites:
         charts += [_multiline(chart_title, regex) for chart_title, regex in SHARED_CHECK_CHARTS]
     return layout_pb2.Layout(category=[layout_pb2.Category(title=title, chart=charts)])

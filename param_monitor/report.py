@@ -5,9 +5,12 @@
 ``LOGDIR`` is one run's folder (e.g. ``lightning_logs/shared_mlp/version_0``; event files in its
 subfolders count too). Panels: weight means and gradient norms per layer, each shared parameter's
 per-use norms next to its total, loss and accuracy, the share stack of the first shared parameter
-(each use's ``shared_grad_share × grad_norm``, stacked: the top is the gradient norm), and the
+(each use's ``shared_grad_share × grad_norm``, stacked: the top is the gradient norm), the
 gradient-flow heatmap (rows = parameters in the model's order, columns = steps, colour =
-``log10 grad_norm``; NaN/inf magenta, exact zeros black). Panels whose tags are missing say so.
+``log10 grad_norm``; NaN/inf magenta, exact zeros black), layer health (heatmaps of the update
+ratio, its 1e-3 rule of thumb the centre of the colour scale, and of the dead units) and the
+layers to look at (the tab's rules, :mod:`param_monitor.tensorboard_plugin.health`). Panels whose
+tags are missing say so.
 
 Needs matplotlib: ``pip install 'param_monitor[report]'``.
 """
@@ -31,16 +34,21 @@ matplotlib.use("Agg")  # headless: no display on CI machines, and nothing is sho
 import matplotlib.pyplot as plt  # noqa: E402 -- must follow matplotlib.use()
 import numpy as np  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.colors import ListedColormap, TwoSlopeNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from param_monitor import tags  # noqa: E402
-from param_monitor.tensorboard_plugin.metadata import model_order, parse_run_metadata  # noqa: E402
+from param_monitor.tensorboard_plugin import health  # noqa: E402
+from param_monitor.tensorboard_plugin.metadata import model_order, parse_run_metadata, row_order, shared_groups  # noqa: E402
 
 NO_MONITOR = "no tags: was ParameterMonitor on?"
 NO_SHARED = "no shared parameters logged"
 NO_SHARES = "no shared_grad_share tags logged"
+NO_UPDATE_RATIO = "no update_ratio tags: ParameterMonitor(log_update_ratio=True) logs them"
+NO_DEAD_UNITS = "no dead_units tags: ParameterMonitor(log_dead_units=True) logs them"
+#: the rule of thumb for the update ratio, the centre of its colour scale
+UPDATE_RATIO_GUIDE = 1e-3
 NONFINITE_COLOUR = "#ff00ff"
 
 
@@ -113,7 +121,7 @@ def _plot_lines(ax: Axes, lines: dict[str, Series], title: str, empty_note: str)
     ax.set_title(title)
     ax.set_xlabel("step")
     if lines:
-        ax.legend(fontsize="x-small")
+        ax.legend(fontsize="xx-small" if len(lines) > 9 else "x-small", ncol=2 if len(lines) > 9 else 1)
     else:
         _note(ax, empty_note)
 
@@ -122,15 +130,43 @@ def _note(ax: Axes, text: str) -> None:
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
 
 
-def _shared_lines(series: dict[str, Series]) -> dict[str, Series]:
-    """Per-use contributions of every shared parameter, each next to its total gradient norm."""
+def _shared_lines(series: dict[str, Series], parameters: Sequence[str] = (), most: int = 9) -> dict[str, Series]:
+    """Per-use contributions of every shared parameter, each next to its total gradient norm; past
+    ``most`` lines (ALBERT: 17 tensors x 12 uses), one line per use of each shared group instead."""
     lines: dict[str, Series] = {}
     for name, sites in shared_sites(series).items():
         for site, s in sites.items():
             lines[f"{name} @ {site}"] = s
         if tags.grad_norm(name) in series:
             lines[f"{name} total"] = series[tags.grad_norm(name)]
+    if len(lines) <= most:
+        return lines
+    return _group_lines(series, parameters)
+
+
+def _group_lines(series: dict[str, Series], parameters: Sequence[str]) -> dict[str, Series]:
+    """Per group and use k: ``sqrt(Σ_t ‖c_t,k‖²)`` over its tensors, and the group's ``sqrt(Σ_t grad_norm_t²)``."""
+    per_use = shared_sites(series)
+    lines: dict[str, Series] = {}
+    in_call_order = {n: row_order(s, parameters) for n, s in per_use.items()}  # #2 before #10
+    for group in shared_groups(in_call_order, parameters):
+        columns = [[dict(zip(*_pair(per_use[t][s]), strict=True)) for s in group["sites"][t]] for t in group["tensors"]]
+        totals = [dict(zip(*_pair(series[tags.grad_norm(t)]), strict=True)) for t in group["tensors"]
+                  if tags.grad_norm(t) in series]  # fmt: skip
+        for k, use in enumerate(group["uses"]):
+            lines[f"{group['name']} @ {use}"] = _root_sum_sq([col[k] for col in columns if k < len(col)])
+        if totals:
+            lines[f"{group['name']} total"] = _root_sum_sq(totals)
     return lines
+
+
+def _pair(s: Series) -> tuple[list[int], list[float]]:
+    return s.steps, s.values
+
+
+def _root_sum_sq(columns: Sequence[dict[int, float]]) -> Series:
+    steps = sorted(set.intersection(*(set(c) for c in columns))) if columns else []
+    return Series(steps, [math.sqrt(math.fsum(c[step] ** 2 for c in columns)) for step in steps])
 
 
 def share_stack(series: dict[str, Series], name: str) -> tuple[list[int], dict[str, list[float]]]:
@@ -194,19 +230,36 @@ def gradient_flow(run: Run, family: str = tags.GRAD_NORM) -> tuple[list[str], li
 
 
 def _plot_heatmap(fig: Figure, ax: Axes, run: Run) -> None:
-    ax.set_title("gradient flow: log10 grad_norm (rows in model order)")
-    rows, steps, matrix = gradient_flow(run)
+    _plot_family_heatmap(fig, ax, run, tags.GRAD_NORM, "gradient flow: log10 grad_norm (rows in model order)")
+
+
+def _plot_family_heatmap(fig: Figure, ax: Axes, run: Run, family: str, title: str, empty: str = NO_MONITOR) -> None:
+    """Rows (model order) x steps of ``family``; log10 colours for ``grad_norm`` and ``update_ratio``
+    (the 1e-3 rule of thumb the centre of a diverging scale), 0..1 for ``dead_units``."""
+    ax.set_title(title, fontsize="medium")
+    rows, steps, matrix = gradient_flow(run, family)
     if not rows:
-        _note(ax, NO_MONITOR)
+        _note(ax, empty)
         return
+    log = family in (tags.GRAD_NORM, tags.UPDATE_RATIO)
     with np.errstate(divide="ignore", invalid="ignore"):
-        logged = np.where(matrix > 0, np.log10(matrix), np.nan)
+        shown = np.where(matrix > 0, np.log10(matrix), np.nan) if log else matrix
     extent = (-0.5, len(steps) - 0.5, len(rows) - 0.5, -0.5)
-    image = ax.imshow(logged, aspect="auto", interpolation="nearest", cmap="viridis", extent=extent)
-    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    style: dict[str, object] = {"cmap": "viridis"}
+    if family == tags.UPDATE_RATIO:
+        style = {"cmap": "RdBu_r", "norm": TwoSlopeNorm(vcenter=math.log10(UPDATE_RATIO_GUIDE), vmin=-6, vmax=0)}
+    elif family == tags.DEAD_UNITS:
+        style = {"cmap": "Reds", "vmin": 0.0, "vmax": 1.0}
+    image = ax.imshow(shown, aspect="auto", interpolation="nearest", extent=extent, **style)
+    bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    if family == tags.UPDATE_RATIO:
+        bar.set_ticks([-5, -4, -3, -2, -1], labels=["1e-5", "1e-4", "1e-3 rule of thumb", "1e-2", "0.1"])
+    elif family == tags.DEAD_UNITS:
+        bar.set_ticks([0, 0.5, 1], labels=["0", "half dead", "all dead"])
     special = np.full(matrix.shape, np.nan)
-    special[matrix == 0] = 0.0  # a dead layer
-    special[_logged_nonfinite(run, rows, steps)] = 1.0  # a logged NaN/inf (not a step without a value)
+    if log:
+        special[matrix == 0] = 0.0  # an exact zero has no log: black
+    special[_logged_nonfinite(run, rows, steps, family)] = 1.0  # a logged NaN/inf (not a step without a value)
     ax.imshow(special, aspect="auto", interpolation="nearest", extent=extent,
               cmap=ListedColormap(["black", NONFINITE_COLOUR]), vmin=0, vmax=1)  # fmt: skip
     labels = [f"{n} (= {', '.join(run.aliases[n])})" if n in run.aliases else n for n in rows]
@@ -217,11 +270,46 @@ def _plot_heatmap(fig: Figure, ax: Axes, run: Run) -> None:
     ax.set_xlabel("step")
 
 
-def _logged_nonfinite(run: Run, rows: Sequence[str], steps: Sequence[int]) -> np.ndarray:
+def _rows(run: Run, family: str) -> dict[str, dict[int, float]]:
+    prefix = f"{family}/"
+    return {
+        tag[len(prefix) :]: dict(zip(s.steps, s.values, strict=True))
+        for tag, s in run.scalars.items()
+        if tag.startswith(prefix)
+    }
+
+
+def findings(run: Run) -> list[dict[str, object]]:
+    """The tab's "layers to look at" for this run (:mod:`param_monitor.tensorboard_plugin.health`)."""
+    rows = {f: _rows(run, f) for f in (tags.GRAD_NORM, tags.UPDATE_RATIO, tags.DEAD_UNITS)}
+    names = model_order(set().union(*(r.keys() for r in rows.values())), run.parameters)
+    return health.layers_to_look_at(rows[tags.GRAD_NORM], rows[tags.UPDATE_RATIO], rows[tags.DEAD_UNITS], names)
+
+
+def _plot_findings(ax: Axes, run: Run, limit: int = 12) -> None:
+    ax.set_axis_off()
+    ax.set_title("layers to look at", loc="left", fontsize="medium")
+    found = findings(run)
+    if not any(tag.startswith(f"{tags.GRAD_NORM}/") for tag in run.scalars):
+        _note(ax, NO_MONITOR)
+        return
+    lines = [f"{f['name']}: {f['text']} (step {f['step']})" for f in found[:limit]]
+    if len(found) > limit:
+        lines.append(f"... and {len(found) - limit} more (the tab lists them all)")
+    low, high = health.UPDATE_RATIO_RANGE
+    rules = (f"rules: first NaN/inf gradient; gradient norm below {health.VANISHED:g} of its largest; update ratio "
+             f"outside {low:g}..{high:g} (median of the last {health.RECENT} logged steps); more than "
+             f"{health.DEAD_FRACTION:.0%} of the units dead")  # fmt: skip
+    body = "\n".join(lines) if lines else "nothing: every checked layer is within the rules"
+    ax.text(0, 1, body, va="top", ha="left", fontsize="small", family="monospace", transform=ax.transAxes)
+    ax.text(0, 0, rules, va="bottom", ha="left", fontsize="x-small", color="#555", transform=ax.transAxes)
+
+
+def _logged_nonfinite(run: Run, rows: Sequence[str], steps: Sequence[int], family: str = tags.GRAD_NORM) -> np.ndarray:
     mask = np.zeros((len(rows), len(steps)), dtype=bool)
     column = {step: j for j, step in enumerate(steps)}
     for i, name in enumerate(rows):
-        s = run.scalars[f"{tags.GRAD_NORM}/{name}"]
+        s = run.scalars[f"{family}/{name}"]
         for step, value in zip(s.steps, s.values, strict=True):
             if not math.isfinite(value):
                 mask[i, column[step]] = True
@@ -229,21 +317,32 @@ def _logged_nonfinite(run: Run, rows: Sequence[str], steps: Sequence[int]) -> np
 
 
 def summary_figure(series: dict[str, Series] | Run, title: str = "") -> Figure:
-    """The 3x2 summary: weight means, gradient norms; per-use norms, loss and accuracy; share stack, heatmap.
+    """The summary: weight means, gradient norms; per-use norms, loss and accuracy; share stack, gradient
+    heatmap; layer health (update ratio and dead units heatmaps); the layers to look at.
 
     Panels whose tags are missing say so instead of failing, so a run without the monitor still gets
-    its loss/accuracy panel.
+    its loss/accuracy panel. ``fig.axes`` holds the six first panels first (in that order), then the
+    gradient heatmap's colour bar, then the health panels.
     """
     run = series if isinstance(series, Run) else Run(series, [], {})
     scalars = run.scalars
-    fig, axes = plt.subplots(3, 2, figsize=(14, 13))
+    fig = plt.figure(figsize=(14, 20))
+    grid = fig.add_gridspec(5, 2, height_ratios=[1, 1, 1, 1, 0.35])
+    axes = np.array([[fig.add_subplot(grid[r, c]) for c in range(2)] for r in range(3)])
     _plot_lines(axes[0, 0], _with_prefix(scalars, "weight_mean/"), "weight mean per layer", NO_MONITOR)
     _plot_lines(axes[0, 1], _with_prefix(scalars, "grad_norm/"), "gradient norm per layer", NO_MONITOR)
-    _plot_lines(axes[1, 0], _shared_lines(scalars), "shared layer: gradient norm per use, and total", NO_SHARED)
+    _plot_lines(axes[1, 0], _shared_lines(scalars, run.parameters), "shared: gradient norm per use, and total",
+                NO_SHARED)
     metrics = {tag: scalars[tag] for tag in ("train_loss", "val_loss", "val_acc") if tag in scalars}
     _plot_lines(axes[1, 1], metrics, "loss and accuracy", "no metrics logged")
     _plot_share_stack(axes[2, 0], scalars, run.parameters)
     _plot_heatmap(fig, axes[2, 1], run)
+    ratio, dead = fig.add_subplot(grid[3, 0]), fig.add_subplot(grid[3, 1])
+    _plot_family_heatmap(fig, ratio, run, tags.UPDATE_RATIO, "update ratio ‖Δw‖/‖w‖, log10 (1e-3: the rule of thumb)",
+                         NO_UPDATE_RATIO)  # fmt: skip
+    _plot_family_heatmap(fig, dead, run, tags.DEAD_UNITS, "dead units: fraction of output units with zero gradient",
+                         NO_DEAD_UNITS)  # fmt: skip
+    _plot_findings(fig.add_subplot(grid[4, :]), run)
     fig.suptitle(title, fontsize="small")
     fig.tight_layout()
     return fig

@@ -25,9 +25,15 @@ Warn = Callable[[str, str], None]  # (once-per-fit key, message)
 class RunWriter:
     """One fit's writing (see the module docstring); ``sinks`` is asked each time (rank 0 has them)."""
 
-    def __init__(self, sinks: Callable[[], Sequence[Sink]], update_ratio: bool, dead_units: bool) -> None:
+    def __init__(
+        self,
+        sinks: Callable[[], Sequence[Sink]],
+        update_ratio: bool,
+        dead_units: bool,
+        options: Mapping[str, bool] | None = None,
+    ) -> None:
         self.sinks = sinks
-        self.layout_flags = (update_ratio, dead_units)
+        self.layout_flags = (update_ratio, dead_units, dict(options or {}))  # options: charts of later families
         self.written: set[str] = set()  # tags written at the current step label
         self.metadata_logged: int | None = None  # `steps_logged` of the last run metadata written
 

@@ -46,7 +46,13 @@ class Sink:
     ) -> None:
         pass
 
-    def layout(self, shared_sites: Mapping[str, list[str]], update_ratio: bool, dead_units: bool) -> None:
+    def layout(
+        self,
+        shared_sites: Mapping[str, list[str]],
+        update_ratio: bool,
+        dead_units: bool,
+        options: Mapping[str, bool] | None = None,
+    ) -> None:
         pass
 
     def flush(self) -> None:
@@ -88,10 +94,18 @@ class TensorBoardSink(Sink):
     ) -> None:
         write_run_metadata(self.writer, rows, shared, step, status)
 
-    def layout(self, shared_sites: Mapping[str, list[str]], update_ratio: bool, dead_units: bool) -> None:
+    def layout(
+        self,
+        shared_sites: Mapping[str, list[str]],
+        update_ratio: bool,
+        dead_units: bool,
+        options: Mapping[str, bool] | None = None,
+    ) -> None:
         from param_monitor.dashboard import custom_scalars_layout, write_layout
 
-        layout = custom_scalars_layout(dict(shared_sites), update_ratio=update_ratio, dead_units=dead_units)
+        layout = custom_scalars_layout(
+            dict(shared_sites), update_ratio=update_ratio, dead_units=dead_units, options=options
+        )
         if self.prefix:  # the charts' regexes must match the prefixed scalar names
             for category in layout.category:
                 for chart in category.chart:

@@ -185,3 +185,38 @@ def test_update_ratio_and_dead_units_charts_follow_the_gradient_norms() -> None:
     tags = [*TAGS, "update_ratio/model.net.0.weight", "dead_units/model.net.0.weight", "update_ratio_x"]
     assert matching(charts[UPDATE_RATIO_CHART[0]], tags) == ["update_ratio/model.net.0.weight"]
     assert matching(charts[DEAD_UNITS_CHART[0]], tags) == ["dead_units/model.net.0.weight"]
+
+
+def test_a_family_registered_later_gets_a_chart_when_its_option_is_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from param_monitor import tags
+
+    family = tags.MetricFamily("test_family", "site", "sum_over_numel", "heatmap", "linear", "test_option",
+                               "a statistic added later")  # fmt: skip
+    monkeypatch.setattr(tags, "FAMILIES", (*tags.FAMILIES, family))
+    off = [c.title for c in custom_scalars_layout({}).category[0].chart]
+    on = custom_scalars_layout({}, options={"test_option": True}).category[0].chart
+    assert off == ["gradient norms", "weight norms", "weight means"]
+    assert [c.title for c in on] == off + ["test_family: a statistic added later"]
+    assert list(on[-1].multiline.tag) == [r"^test_family/.*$"]
+
+
+def test_a_fit_writes_a_chart_for_each_opt_in_family_it_logs(tmp_path: Path) -> None:
+    """The monitor passes its options to the layout: `log_optimizer_state=True` gives that family a chart."""
+    import torch
+
+    from param_monitor import ParameterMonitor
+    from tests.helpers.modules import SharedMLP, fit
+
+    class WithAdam(SharedMLP):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    trainer, scalars = fit(
+        WithAdam(), tmp_path, ParameterMonitor(log_every_n_steps=1, log_optimizer_state=True), max_steps=2
+    )
+    (_, layout), *_ = read_layouts(trainer.logger.log_dir)
+    charts = charts_by_title(layout)
+    state_charts = [title for title in charts if title.startswith("optimizer_state_norm")]
+    assert len(state_charts) == 1
+    logged = [tag for tag in scalars if tag.startswith("optimizer_state_norm/")]
+    assert logged and matching(charts[state_charts[0]], logged) == logged

@@ -61,7 +61,7 @@ def test_shared_sites_parses_name_and_site(schema_run: Path) -> None:
 
 def test_summary_figure_panels(schema_run: Path) -> None:
     fig = summary_figure(read_scalars(schema_run))
-    weights, grads, shared, metrics, stack, heatmap, _colorbar = fig.axes
+    weights, grads, shared, metrics, stack, heatmap, _colorbar = fig.axes[:7]
     assert {line.get_label() for line in weights.get_lines()} == {NAME, "model.net.1.weight"}
     assert {line.get_label() for line in grads.get_lines()} == {NAME}  # grad_norm_total is not a layer
     lines = {line.get_label(): list(line.get_ydata()) for line in shared.get_lines()}
@@ -87,7 +87,11 @@ def test_plot_without_monitor_tags(tmp_path: Path) -> None:
     writer.close()
     fig = summary_figure(read_scalars(tmp_path))
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
-    assert texts == [report.NO_MONITOR] * 2 + [report.NO_SHARED, report.NO_SHARES, report.NO_MONITOR]
+    assert texts == [report.NO_MONITOR] * 2 + [report.NO_SHARED, report.NO_SHARES, report.NO_MONITOR] + [
+        report.NO_UPDATE_RATIO,
+        report.NO_DEAD_UNITS,
+        report.NO_MONITOR,  # no layer to look at
+    ]
     assert len(fig.axes[3].get_lines()) == 1
     plt.close(fig)
 
@@ -134,3 +138,61 @@ def test_cli_writes_the_png(schema_run: Path, tmp_path: Path, capsys: pytest.Cap
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(out) in capsys.readouterr().out
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "empty")])
+
+
+def write_health_run(root: Path) -> Path:
+    """Update ratios and dead units around the rules' limits, and a NaN gradient at step 2."""
+    names = ["net.0.weight", "net.0.bias", "net.2.weight"]
+    writer = SummaryWriter(str(root))
+    write_run_metadata(writer, [ParameterInfo(n, (2,), 2, True) for n in names], {}, step=0)
+    ratios = {"net.0.weight": 1e-3, "net.0.bias": 5e-5, "net.2.weight": 0.05}
+    dead = {"net.0.weight": 0.0, "net.2.weight": 0.75}
+    for step in range(4):
+        for n in names:
+            writer.add_scalar(f"grad_norm/{n}", math.nan if (n, step) == ("net.2.weight", 2) else 1.0, step)
+            writer.add_scalar(f"update_ratio/{n}", ratios[n], step)
+            if n in dead:
+                writer.add_scalar(f"dead_units/{n}", dead[n], step)
+    writer.close()
+    return root
+
+
+def test_health_panels_show_update_ratio_and_dead_units_and_the_layers_to_look_at(tmp_path: Path) -> None:
+    run = report.read_run(write_health_run(tmp_path))
+    fig = summary_figure(run)
+    ratio = next(ax for ax in fig.axes if ax.get_title().startswith("update ratio"))
+    dead = next(ax for ax in fig.axes if ax.get_title().startswith("dead units"))
+    listed = next(ax for ax in fig.axes if ax.get_title(loc="left") == "layers to look at")
+    shown = ratio.get_images()[0].get_array()
+    assert np.allclose(shown[:, 0], np.log10([1e-3, 5e-5, 0.05]), atol=1e-6)  # model order, log10
+    assert [t.get_text() for t in ratio.get_yticklabels()] == ["net.0.weight", "net.0.bias", "net.2.weight"]
+    bar = next(ax for ax in fig.axes if "1e-3 rule of thumb" in [t.get_text() for t in ax.get_yticklabels()])
+    assert bar is not ratio
+    assert dead.get_images()[0].get_array()[:, 0].tolist() == [0.0, 0.75]
+    text = listed.texts[0].get_text().split("\n")
+    assert text[0] == "net.2.weight: first NaN/inf gradient norm at step 2: net.2.weight (step 2)"
+    assert text[1].startswith("net.0.bias: update ratio 5e-05") and "below 0.0001" in text[1]
+    assert text[2].startswith("net.2.weight: update ratio 0.05")
+    assert text[3] == "net.2.weight: 75% of its units dead (step 3)"
+    assert len(text) == 4
+    plt.close(fig)
+
+
+def test_a_layer_shared_at_many_depths_gets_one_line_per_use_not_per_tensor_and_use(tmp_path: Path) -> None:
+    """ALBERT-like: 3 tensors x 12 uses would be 39 lines; one line per use of the group instead, in call order."""
+    tensors = ["layer.q.weight", "layer.q.bias", "layer.f.weight"]
+    writer = SummaryWriter(str(tmp_path))
+    sites = {t: [f"{t.rpartition('.')[0]}#{k}" for k in range(12)] for t in tensors}
+    write_run_metadata(writer, [ParameterInfo(t, (2,), 2, True) for t in tensors], sites, step=0)
+    for step in range(2):
+        for i, t in enumerate(tensors):
+            writer.add_scalar(f"grad_norm/{t}", 2.0 + i, step)
+            for k, site in enumerate(sites[t]):
+                writer.add_scalar(f"shared_grad/{t}/{site}", float(k + i), step)
+    writer.close()
+    fig = summary_figure(report.read_run(tmp_path))
+    lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[2].get_lines()}
+    assert list(lines) == [f"layer @ call {k}" for k in range(12)] + ["layer total"]
+    assert lines["layer @ call 10"] == pytest.approx([math.sqrt(10**2 + 11**2 + 12**2)] * 2)
+    assert lines["layer total"] == pytest.approx([math.sqrt(4 + 9 + 16)] * 2)
+    plt.close(fig)

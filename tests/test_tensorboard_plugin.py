@@ -6,6 +6,7 @@ Every value served is compared with what TensorBoard's reader reads from the eve
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib
 import importlib.metadata
@@ -17,13 +18,27 @@ from typing import Any
 import numpy as np
 import pytest
 import tomllib
-from plugin_runs import NAN_FROM_STEP, REPO_ROOT, TINY_SHARED, TINY_SITES, TinyShared, train_tiny, wsgi_app
+from plugin_runs import (
+    ALBERT_TENSORS,
+    NAN_FROM_STEP,
+    REPO_ROOT,
+    TINY_SHARED,
+    TINY_SITES,
+    AlbertLike,
+    TinyShared,
+    train_albert,
+    train_no_step,
+    train_plain,
+    train_tiny,
+    wsgi_app,
+)
 from torch.utils.tensorboard import SummaryWriter
 from werkzeug.test import Client
 
 from param_monitor import tags
-from param_monitor.tensorboard_plugin import plugin
-from param_monitor.tensorboard_plugin.metadata import parse_run_metadata
+from param_monitor.table import ParameterInfo
+from param_monitor.tensorboard_plugin import health, plugin
+from param_monitor.tensorboard_plugin.metadata import parse_run_metadata, write_run_metadata
 from param_monitor.writers import write_scalars
 from tests.helpers.events import load_events, read_scalars
 
@@ -74,6 +89,8 @@ def same(served: Any, logged: float) -> bool:
 
 
 MODEL_ORDER = [name for name, _ in TinyShared().named_parameters()]  # first names, tied tensors once
+#: the families every monitored run logs (update ratio and dead units are opt-in)
+ALWAYS = (tags.GRAD_NORM, tags.WEIGHT_NORM, tags.WEIGHT_MEAN)
 
 
 def test_the_tab_is_active_only_for_a_logdir_with_the_monitors_data(client: Client, logdir: Path) -> None:
@@ -111,13 +128,14 @@ def test_run_describes_the_model_in_its_order(client: Client) -> None:
         "call_sites": list(TINY_SITES),
     }
     assert info["shared"] == {TINY_SHARED: list(TINY_SITES), "model.2.bias": list(TINY_SITES)}
-    for metric in plugin.HEATMAP_METRICS:
+    assert set(info["rows"]) == set(ALWAYS)  # only the families the run logged
+    for metric in ALWAYS:
         assert info["rows"][metric] == MODEL_ORDER
     assert info["nonfinite"] == []
 
 
 @pytest.mark.parametrize("run", [TINY, NAN_RUN])
-@pytest.mark.parametrize("metric", plugin.HEATMAP_METRICS)
+@pytest.mark.parametrize("metric", ALWAYS)
 def test_heatmap_values_equal_the_event_files(client: Client, logdir: Path, run: str, metric: str) -> None:
     logged = read_scalars(logdir / run)
     data = get(client, "/heatmap", run=run, metric=metric)
@@ -202,6 +220,9 @@ def test_front_end_assets_come_from_the_plugins_routes(client: Client) -> None:
     index = client.get(PREFIX + "/index.js")
     assert index.status_code == 200 and index.mimetype == "text/javascript"
     assert b"export async function render()" in index.get_data()
+    for module in ("model.js", "views.js"):  # index.js imports them by these relative routes
+        assert f"from './{module}'".encode() in index.get_data()
+        assert client.get(f"{PREFIX}/{module}").mimetype == "text/javascript"
     assert client.get(PREFIX + "/static/style.css").mimetype == "text/css"
     served = client.get(PREFIX + "/plotly.min.js", headers={"Accept-Encoding": "gzip"})
     assert served.status_code == 200 and served.headers["Content-Encoding"] == "gzip"
@@ -243,3 +264,185 @@ def test_pyproject_declares_the_entry_point_tensorboard_loads() -> None:
     assert any(d.startswith("plotly>=6,<7") for d in project["project"]["dependencies"])
     installed = [e for e in importlib.metadata.entry_points(group="tensorboard_plugins") if e.name == "param_monitor"]
     assert all(e.value == target for e in installed)  # once installed, the same target
+
+
+# -- the registry, groups of shared tensors, layer health, empty states (issue 17) -------------------
+
+ALBERT, NO_STEP, PLAIN_LOOP = "albert/version_0", "no_step/version_0", "plain_loop"
+
+
+@pytest.fixture(scope="module")
+def more_logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An ALBERT-like run (one layer of 17 tensors at 12 depths, a tied embedding) and a run of 30
+    steps that logged none (the Trainer's default ``log_every_n_steps=50``)."""
+    root = tmp_path_factory.mktemp("more_logs")
+    train_albert(root)
+    train_no_step(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def more(more_logdir: Path) -> Client:
+    return Client(wsgi_app(more_logdir))
+
+
+def test_families_route_serves_the_registry(client: Client) -> None:
+    served = get(client, "/families")["families"]
+    assert served == [f.to_json() for f in tags.FAMILIES]
+    assert {f["name"] for f in served if f["chart"] == "heatmap"} >= {tags.UPDATE_RATIO, tags.DEAD_UNITS}
+
+
+def test_a_plain_pytorch_run_makes_the_tab_active_in_weight_before_bias_order(tmp_path: Path) -> None:
+    train_plain(tmp_path)  # ParameterWatcher + write_scalars: no run metadata
+    app = Client(wsgi_app(tmp_path))
+    listing = strict_json(app.get("/data/plugins_listing").get_data(as_text=True))
+    assert listing["param_monitor"]["enabled"] is True
+    assert get(app, "/runs") == {"runs": [{"name": PLAIN_LOOP, "metadata": False}]}
+    info = get(app, "/run", run=PLAIN_LOOP)
+    order = [name.removeprefix("model.") for name in MODEL_ORDER]  # the bare Sequential's names
+    assert info["rows"][tags.GRAD_NORM] == order  # 0.weight, 0.bias, 2.weight, ...: not alphabetical
+    assert info["status"]["tracking"] is True and info["status"]["no_step_logged"] is False
+
+
+def test_an_unknown_metric_error_names_the_allowed_ones(client: Client) -> None:
+    response = client.get(PREFIX + "/heatmap", query_string={"run": TINY, "metric": "nope"})
+    assert response.status_code == 400
+    assert all(m in response.get_data(as_text=True) for m in plugin.heatmap_families())
+
+
+def test_albert_like_run_has_one_group_for_the_layer_and_one_for_the_tied_embedding(more: Client) -> None:
+    info = get(more, "/run", run=ALBERT)
+    model = [n for n, _ in AlbertLike().named_parameters()]
+    layer = [n for n in model if n.startswith("layer.")]
+    assert len(layer) == ALBERT_TENSORS
+    groups = [(g["name"], g["tensors"]) for g in info["groups"]]
+    assert groups == [("embeddings", ["embeddings.weight"]), ("layer", layer)]
+    assert info["groups"][0]["uses"] == ["embeddings", "head"]
+    assert info["groups"][1]["uses"] == [f"call {k}" for k in range(12)]
+    assert info["rows"][tags.UPDATE_RATIO] == model and info["rows"][tags.GRAD_NORM] == model
+
+
+def test_group_bands_are_grad_norm_squared_weighted_shares_adding_up_to_one(more: Client, more_logdir: Path) -> None:
+    logged = read_scalars(more_logdir / ALBERT)
+    groups = {g["name"]: g for g in get(more, "/groups", run=ALBERT)["groups"]}
+    layer = groups["layer"]
+    sites = get(more, "/run", run=ALBERT)["groups"][1]["sites"]
+    assert layer["steps"] == sorted(logged[tags.grad_norm(layer["tensors"][0])])
+    for j, step in enumerate(layer["steps"]):
+        g2 = {t: logged[tags.grad_norm(t)][step] ** 2 for t in layer["tensors"]}
+        for k in range(12):
+            oracle = sum(logged[tags.shared_grad_share(t, sites[t][k])][step] * g2[t] for t in g2) / sum(g2.values())
+            assert layer["bands"][k][j] == pytest.approx(oracle, rel=1e-6)
+            norm = math.sqrt(sum(logged[tags.shared_grad(t, sites[t][k])][step] ** 2 for t in g2))
+            assert layer["use_norm"][k][j] == pytest.approx(norm, rel=1e-6)
+        assert sum(band[j] for band in layer["bands"]) == pytest.approx(1.0, abs=1e-6)
+        worst = max(logged[tags.shared_grad_error(t)][step] for t in g2)
+        assert same(layer["error"][j], worst)
+    assert layer["every_use_seen"] is True and layer["max_error"] < health.EVERY_USE_SEEN_BELOW
+
+
+def test_a_run_without_a_logged_step_says_so(more: Client) -> None:
+    info = get(more, "/run", run=NO_STEP)
+    assert info["status"]["no_step_logged"] is True and info["status"]["last_step"] is None
+    assert info["rows"] == {}  # no empty heatmap rows
+    assert [p["name"] for p in info["parameters"]] == MODEL_ORDER  # the table still shows the model
+
+
+def test_health_lists_update_ratios_out_of_range_with_the_event_files_values(more: Client, more_logdir: Path) -> None:
+    logged = read_scalars(more_logdir / ALBERT)
+    served = get(more, "/health", run=ALBERT)
+    ratios = {n[len("update_ratio/") :]: v for n, v in logged.items() if n.startswith("update_ratio/")}
+    low, high = health.UPDATE_RATIO_RANGE
+    expected = []
+    for name in [n for n, _ in AlbertLike().named_parameters() if n in ratios]:
+        recent = [ratios[name][s] for s in sorted(ratios[name])][-health.RECENT :]
+        median = float(np.median(recent))
+        if not low <= median <= high:
+            expected.append((name, median))
+    found = [(f["name"], f["value"]) for f in served["findings"] if f["kind"] == "update_ratio"]
+    assert [n for n, _ in found] == [n for n, _ in expected]
+    assert all(v == pytest.approx(m, rel=1e-6) for (_, v), (_, m) in zip(found, expected, strict=True))
+    assert served["checked"][tags.UPDATE_RATIO] == len(ratios)
+
+
+def test_health_rules_on_known_values() -> None:
+    grad = {"a.weight": {0: 1.0, 1: 2.0, 2: math.nan}, "b.weight": {0: 1.0, 1: 0.0}, "c.weight": {0: 1.0, 1: 0.5}}
+    ratio = {"a.weight": {1: 1e-3}, "c.weight": {0: 5e-5, 1: 2e-2, 2: 3e-2}}
+    dead = {"b.weight": {1: 0.5}, "c.weight": {1: 0.51}}
+    found = health.layers_to_look_at(grad, ratio, dead, ["a.weight", "b.weight", "c.weight"])
+    assert [(f["kind"], f["name"], f["step"]) for f in found] == [
+        ("nonfinite", "a.weight", 2),
+        ("vanished", "b.weight", 1),
+        ("update_ratio", "c.weight", 2),  # median 2e-2 of the last logged steps
+        ("dead_units", "c.weight", 1),  # 0.5 exactly is not "more than half"
+    ]
+
+
+def test_a_per_site_family_registered_later_is_a_heatmap_in_model_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A family a peer module registers (``activation_std/{site}``) is served without plugin changes."""
+    family = tags.MetricFamily("activation_std", "site", "sum_over_numel", "heatmap", "linear", None, "std of outputs")
+    monkeypatch.setattr(tags, "FAMILIES", (*tags.FAMILIES, family))
+    monkeypatch.setitem(tags._BY_NAME, family.name, family)
+    sites = ["model.2#10", "model.0", "model.2#2"]
+    with SummaryWriter(str(tmp_path / "acts")) as writer:
+        rows = [ParameterInfo(f"model.{i}.weight", (2, 2), 4, True) for i in (0, 2)]
+        write_run_metadata(writer, rows, {}, 0)
+        write_scalars(writer, {f"activation_std/{s}": float(i) for i, s in enumerate(sites)}, 0)
+    app = Client(wsgi_app(tmp_path))
+    assert get(app, "/run", run="acts")["rows"] == {"activation_std": ["model.0", "model.2#2", "model.2#10"]}
+    data = get(app, "/heatmap", run="acts", metric="activation_std")
+    assert data["values"] == [[1.0], [2.0], [0.0]]
+
+
+def test_the_heatmap_and_the_health_list_read_grad_norm_once(logdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tab asks for both at once; on 1,000 tensors each read of a family takes about a second."""
+    app = wsgi_app(logdir)
+    provider = next(p for p in app._plugins if isinstance(p, plugin.ParamMonitorPlugin))._provider
+    reads: list[list[str]] = []
+    original = provider.read_scalars
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        reads.append(sorted(kwargs["run_tag_filter"].tags))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(provider, "read_scalars", counted)
+    client = Client(app)
+    get(client, "/heatmap", run=TINY, metric=tags.GRAD_NORM)
+    get(client, "/health", run=TINY)
+    grad_reads = [r for r in reads if r and r[0].startswith("grad_norm/")]
+    assert grad_reads == [sorted(f"grad_norm/{n}" for n in MODEL_ORDER)]
+    monkeypatch.setattr(plugin, "CACHE_SECONDS", 0.0)  # stale: read again (a run being written)
+    get(client, "/heatmap", run=TINY, metric=tags.GRAD_NORM)
+    assert len([r for r in reads if r and r[0].startswith("grad_norm/")]) == 2
+
+
+def write_metadata_run(run_dir: Path, rows: list[ParameterInfo], shared: dict[str, list[str]]) -> None:
+    with SummaryWriter(str(run_dir)) as writer:
+        write_run_metadata(writer, rows, shared, 0)
+        write_scalars(writer, {f"grad_norm/{r.name}": 1.0 for r in rows}, 0)
+
+
+def test_tracking_off_and_a_single_use_alias_are_told_apart(tmp_path: Path) -> None:
+    """Tracking off: no call sites anywhere. A tied alias used once: call sites known, one of them."""
+    tied = ("head.weight",)
+    write_metadata_run(tmp_path / "off", [ParameterInfo("emb.weight", (4, 2), 8, True, tied)], {})
+    emb, other = ParameterInfo("emb.weight", (4, 2), 8, True, tied, ("emb",)), ParameterInfo("x.weight", (2,), 2, True)
+    rows = [emb, dataclasses.replace(other, call_sites=("x",))]
+    write_metadata_run(tmp_path / "alias", rows, {})
+    app = Client(wsgi_app(tmp_path))
+    off = get(app, "/run", run="off")["status"]
+    assert off["tracking"] is False and off["single_use_aliases"] == []
+    alias = get(app, "/run", run="alias")["status"]
+    assert alias["tracking"] is True
+    assert alias["single_use_aliases"] == [{"name": "emb.weight", "aliases": list(tied), "sites": ["emb"]}]
+
+
+def test_a_spike_record_is_served_as_safe_html(tmp_path: Path) -> None:
+    """The text record a statistic module writes (``param_monitor/spikes``), shown like the non-finite one."""
+    with SummaryWriter(str(tmp_path / "spiky")) as writer:
+        write_scalars(writer, {"grad_norm/a.weight": 1.0}, 0)
+        writer.add_text(plugin.SPIKES_TAG, "step 7: `a.weight` grad_norm 40x its median <script>x</script>", 7)
+    (record,) = get(Client(wsgi_app(tmp_path)), "/run", run="spiky")["spikes"]
+    assert record["step"] == 7 and "<code>a.weight</code>" in record["html"] and "<script>" not in record["html"]

@@ -18,6 +18,7 @@ Framework-light: it needs a writer with ``_get_file_writer().add_summary`` (torc
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -102,20 +103,129 @@ def parse_run_metadata(tensor: tensor_pb2.TensorProto | bytes | str) -> dict[str
     return json.loads(tensor)
 
 
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """A module-path order for names the metadata does not list: numbers as numbers (``2`` before
+    ``10``), and within one module its ``weight`` before its ``bias`` (as ``nn.Linear`` registers them).
+
+    >>> sorted(["10.weight", "2.bias", "2.weight", "2.running_mean"], key=natural_key)
+    ['2.weight', '2.bias', '2.running_mean', '10.weight']
+    """
+    *path, last = name.split(".")
+    rank = {"weight": (0, 0), "bias": (0, 1)}.get(last, (1, last))
+    return (*((0, int(c)) if c.isdigit() else (1, c) for c in path), (2, 0), rank)  # type: ignore[return-value]
+
+
 def model_order(names: Iterable[str], parameters: Sequence[str]) -> list[str]:
     """``names`` (tag suffixes) in the model's order: a parameter's own position, or, for a module
-    name (``aggregate_depth``), the position of its first parameter; unknown names last, sorted.
+    name (``aggregate_depth``), the position of its first parameter; names the model does not list
+    last, in :func:`natural_key` order (all of them when there is no metadata: a plain loop's run).
 
     >>> model_order(["b", "net.1", "z", "net.0.weight"], ["net.0.weight", "net.1.weight", "b"])
     ['net.0.weight', 'net.1', 'b', 'z']
+    >>> model_order(["0.bias", "0.weight", "10.weight", "2.weight"], [])
+    ['0.weight', '0.bias', '2.weight', '10.weight']
     """
     position = {name: i for i, name in enumerate(parameters)}
 
-    def key(name: str) -> tuple[int, str]:
+    def key(name: str) -> tuple[int, Any]:
         if name in position:
-            return position[name], name
+            return position[name], ()
         prefix = name + "."
         first = next((i for i, p in enumerate(parameters) if p.startswith(prefix)), len(parameters))
-        return first, name
+        return first, natural_key(name)
 
     return sorted(names, key=key)
+
+
+def _owner(name: str) -> str:
+    """The module holding a parameter: its name without the last component."""
+    return name.rpartition(".")[0]
+
+
+def _common_module(a: str, b: str) -> str:
+    """The longest common module path of ``a`` and ``b``, component by component (``layer.1`` is not ``layer.10``)."""
+    common = []
+    for x, y in zip(a.split("."), b.split("."), strict=False):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common)
+
+
+def use_signature(name: str, sites: Sequence[str]) -> tuple[str, ...]:
+    """How a tensor's uses relate to its own module: ``#3`` for a module's fourth call, the site itself
+    for a use from another module (a tied alias, a Sequential holding one module at two positions).
+
+    >>> use_signature("layer.q.weight", ["layer.q#0", "layer.q#1"])
+    ('#0', '#1')
+    >>> use_signature("net.3.weight", ["net.3", "net.6"])
+    ('', 'net.6')
+    """
+    owner = _owner(name)
+    own = (f"{owner}#", f"{owner}:")
+    return tuple(s[len(owner) :] if owner and (s == owner or s.startswith(own)) else s for s in sites)
+
+
+def shared_groups(shared: Mapping[str, Sequence[str]], parameters: Sequence[str]) -> list[dict[str, Any]]:
+    """Shared tensors grouped by the module that is shared, in model order.
+
+    A group is a run of shared tensors next to each other in model order (no unshared parameter of
+    the model between them) whose uses relate to their modules alike (:func:`use_signature`) and
+    that sit under one module. ALBERT's layer called 12 times is one group of its 16-17 tensors; a
+    tied embedding is a group of one. Each group: ``name`` (the module), ``tensors``, ``uses``
+    (labels of the uses in call order, from the first tensor's sites), ``sites`` per tensor.
+
+    >>> groups = shared_groups({"e.weight": ["e", "head"], "b.f.weight": ["b.f#0", "b.f#1"],
+    ...     "b.f.bias": ["b.f#0", "b.f#1"], "b.g.weight": ["b.g#0", "b.g#1"]},
+    ...     ["e.weight", "b.f.weight", "b.f.bias", "b.g.weight"])
+    >>> [(g["name"], g["tensors"], g["uses"]) for g in groups]
+    [('e', ['e.weight'], ['e', 'head']), ('b', ['b.f.weight', 'b.f.bias', 'b.g.weight'], ['call 0', 'call 1'])]
+    """
+    order = model_order(list(shared), parameters)
+    position = {p: i for i, p in enumerate(parameters)}
+    groups: list[dict[str, Any]] = []
+    for name in order:
+        sig = use_signature(name, shared[name])
+        last = groups[-1] if groups else None
+        if last is not None and _joins(last, name, sig, position):
+            last["tensors"].append(name)
+            last["name"] = _common_module(last["name"], _owner(name))
+        else:
+            groups.append({"name": _owner(name) or name, "signature": sig, "tensors": [name], "last": name})
+        groups[-1]["last"] = name
+    for group in groups:
+        sig = group.pop("signature")
+        del group["last"]
+        first = group["tensors"][0]
+        repeated = all(s.startswith("#") for s in sig)
+        group["uses"] = [f"call {s[1:]}" for s in sig] if repeated else list(shared[first])
+        group["sites"] = {t: list(shared[t]) for t in group["tensors"]}
+    return groups
+
+
+def _joins(group: dict[str, Any], name: str, sig: tuple[str, ...], position: Mapping[str, int]) -> bool:
+    if sig != group["signature"] or not _common_module(group["name"], _owner(name)):
+        return False
+    a, b = position.get(group["last"]), position.get(name)
+    return a is None or b is None or b == a + 1  # no unshared parameter between them
+
+
+def row_order(names: Iterable[str], parameters: Sequence[str]) -> list[str]:
+    """Heatmap rows in model order; per-site rows (``layer#3``, ``head:1``) after their module's
+    position, calls in call order (``#2`` before ``#10``).
+
+    >>> row_order(["b#10", "b#2", "a.weight", "b"], ["a.weight", "b.weight"])
+    ['a.weight', 'b', 'b#2', 'b#10']
+    """
+    by_module = model_order({_site_module(n) for n in names}, parameters)
+    rank = {m: i for i, m in enumerate(by_module)}
+    return sorted(names, key=lambda n: (rank[_site_module(n)], _site_index(n), n))
+
+
+def _site_module(site: str) -> str:
+    return re.split(r"[#:]\d+$", site, maxsplit=1)[0]
+
+
+def _site_index(site: str) -> int:
+    match = re.search(r"[#:](\d+)$", site)
+    return -1 if match is None else int(match.group(1))

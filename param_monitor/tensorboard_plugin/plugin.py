@@ -9,16 +9,23 @@ trips float32 exactly); TensorBoard's JSON encoder turns NaN and infinities into
 
 Routes (``/data/plugin/param_monitor/...``), each refusing a run it does not list with 404:
 
-=========================  ======================================================================
-``/runs``                  the runs holding the monitor's data, with whether they hold its metadata
-``/run?run=R``             parameters in model order (shape, numel, aliases, call sites), shared
-                           parameters and sites, heatmap rows per metric, the non-finite record
-``/shared?run=R``          per shared parameter: steps, ``grad_norm``, each use's share,
-                           ``share × grad_norm`` (the stack), each use's norm, cosine, error
-``/heatmap?run=R&metric=M``  rows (model order) × step columns of ``M/{name}``, at most
-                           ``MAX_COLUMNS`` columns (a non-finite value in a column's steps wins)
-``/series?run=R&name=N``   every per-parameter metric of ``N``, at most ``MAX_LINE_POINTS`` points
-=========================  ======================================================================
+=============================  ==================================================================
+``/families``                  the registry of metric families (``tags.FAMILIES``): chart, scale,
+                               meaning; the front end draws every ``heatmap`` family it lists
+``/runs``                      the runs holding the monitor's data, with whether they hold its metadata
+``/run?run=R``                 parameters in model order, shared parameters, their groups (the
+                               shared modules), heatmap rows per family, the non-finite record, and
+                               ``status``: steps logged, whether per-use tracking ran, why not
+``/groups?run=R``              per shared group: each use's share of the group's gradient over
+                               time (bands adding up to 1), the worst error, the mean cosine
+``/shared?run=R[&name=N]``     per shared parameter (or just ``N``): steps, ``grad_norm``, each
+                               use's share, ``share × grad_norm`` (the stack), use norms, checks
+``/heatmap?run=R&metric=M``    rows (model order) × step columns of ``M/{name}`` (any heatmap
+                               family), at most ``MAX_COLUMNS`` columns (a non-finite value wins)
+``/series?run=R&name=N``       every heatmap family of ``N``, at most ``MAX_LINE_POINTS`` points
+``/health?run=R``              layers to look at (:mod:`.health`): first NaN/inf, a vanished
+                               gradient, an update ratio out of range, mostly dead units
+=============================  ==================================================================
 """
 
 from __future__ import annotations
@@ -26,11 +33,14 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import math
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from tensorboard import context as context_module
 from tensorboard import plugin_util
 from tensorboard.backend import http_util
 from tensorboard.data import provider
@@ -38,20 +48,33 @@ from tensorboard.plugins import base_plugin
 from werkzeug import Request, Response
 
 from param_monitor import tags
-from param_monitor.tensorboard_plugin.metadata import model_order, parse_run_metadata
+from param_monitor.tensorboard_plugin import health
+from param_monitor.tensorboard_plugin.metadata import model_order, parse_run_metadata, row_order, shared_groups
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 #: The only files served from ``static/`` (anything else, ``..`` included, is a 404).
-STATIC_FILES = {"index.js": "text/javascript", "style.css": "text/css"}
+STATIC_FILES = {
+    "index.js": "text/javascript",
+    "model.js": "text/javascript",
+    "views.js": "text/javascript",
+    "style.css": "text/css",
+}
 #: Heatmap columns and line points sent at most: enough for a screen, small for 1,000 tensors.
 MAX_COLUMNS = 240
 MAX_LINE_POINTS = 1000
 #: Points asked of the data provider per tag (it keeps a reservoir of 1,000 scalars by default).
 READ_LIMIT = 100_000
-#: Per-parameter families drawn as heatmaps, and the other per-name families a row's chart shows.
-HEATMAP_METRICS = (tags.GRAD_NORM, tags.WEIGHT_NORM, tags.WEIGHT_MEAN)
-ROW_METRICS = HEATMAP_METRICS + (tags.UPDATE_RATIO, tags.DEAD_UNITS)
+#: Seconds a family's values read for one route serve the next: the heatmap and the health list
+#: that the tab asks for at once read ``grad_norm`` once (1,000 tensors: about 1 s each read).
+CACHE_SECONDS = 5.0
+_cache: dict[tuple[Any, ...], tuple[float, dict[str, dict[int, float]]]] = {}
+_cache_locks: dict[tuple[Any, ...], threading.Lock] = {}
+_cache_guard = threading.Lock()
+#: Only the first ``MAX_GROUP_USES`` uses of a group are drawn as bands (a Mixtral layer: 8 experts).
+MAX_GROUP_USES = 64
 SCALARS_PLUGIN = "scalars"
+#: The text record of gradient spikes a statistic module writes (its name in ``tags`` once registered there).
+SPIKES_TAG = getattr(tags, "SPIKES_TAG", "param_monitor/spikes")
 TEXT_PLUGIN = "text"
 
 
@@ -128,6 +151,16 @@ class _Reader:
         )
         return {r: list(t) for r, t in listing.items()}
 
+    def scalar_listing(self, run: str) -> dict[str, int]:
+        """``{tag: last step}`` of the run's scalars."""
+        listing = self.provider.list_scalars(
+            self.ctx,
+            experiment_id=self.eid,
+            plugin_name=SCALARS_PLUGIN,
+            run_tag_filter=provider.RunTagFilter(runs=[run]),
+        )
+        return {tag: series.max_step for tag, series in listing.get(run, {}).items()}
+
     def scalars(self, run: str, tag_names: Sequence[str]) -> dict[str, dict[int, float]]:
         """``{tag: {step: value}}`` (the last value when a step was written twice)."""
         if not tag_names:
@@ -140,6 +173,27 @@ class _Reader:
             run_tag_filter=provider.RunTagFilter(runs=[run], tags=list(tag_names)),
         )
         return {tag: {d.step: _value(d.value) for d in points} for tag, points in data.get(run, {}).items()}
+
+    def family_rows(self, run: str, family: str, names: Sequence[str]) -> dict[str, dict[int, float]]:
+        """``{name: {step: value}}`` of ``{family}/{name}``, shared for ``CACHE_SECONDS`` between the
+        routes that need the same family (one read; a request arriving during it waits for it)."""
+        key = (self.provider, self.eid, run, family, tuple(names))  # the provider itself: ids are reused
+        with _cache_guard:
+            lock = _cache_locks.setdefault(key, threading.Lock())
+        with lock:
+            now = time.monotonic()
+            hit = _cache.get(key)
+            if hit is not None and now - hit[0] < CACHE_SECONDS:
+                return hit[1]
+            data = self.scalars(run, [f"{family}/{n}" for n in names])
+            rows = {n: data.get(f"{family}/{n}", {}) for n in names}
+            with _cache_guard:
+                for stale in [k for k, (t, _) in _cache.items() if now - t >= CACHE_SECONDS]:
+                    del _cache[stale]
+                    if stale != key and not _cache_locks[stale].locked():
+                        del _cache_locks[stale]
+                _cache[key] = (now, rows)
+            return rows
 
     def last_tensor(self, plugin_name: str, run: str | None, tag: str) -> dict[str, Any]:
         """``{run: last TensorDatum}`` of ``tag`` (one run, or all)."""
@@ -177,8 +231,13 @@ class _Reader:
         return out
 
 
+def heatmap_families() -> list[str]:
+    """The registered families drawn as heatmaps (read at each request: a module may register more)."""
+    return [f.name for f in tags.FAMILIES if f.chart == "heatmap"]
+
+
 def _is_monitor_tag(tag: str) -> bool:
-    return tag.startswith(tuple(f"{m}/" for m in HEATMAP_METRICS))
+    return tags.family_of(tag) is not None
 
 
 class ParamMonitorPlugin(base_plugin.TBPlugin):
@@ -192,29 +251,46 @@ class ParamMonitorPlugin(base_plugin.TBPlugin):
     # -- what TensorBoard asks of a plugin ------------------------------------------------
     def get_plugin_apps(self) -> dict[str, Callable[..., Any]]:
         return {
-            "/index.js": self._serve_index,
+            "/index.js": self._serve_module("index.js"),
+            "/model.js": self._serve_module("model.js"),
+            "/views.js": self._serve_module("views.js"),
             "/static/*": self._serve_static,
             "/plotly.min.js": self._serve_plotly,
+            "/families": self._serve_families,
             "/runs": self._serve_runs,
             "/run": self._with_run(self._run_info),
+            "/groups": self._with_run(self._groups),
             "/shared": self._with_run(self._shared),
             "/heatmap": self._with_run(self._heatmap),
             "/series": self._with_run(self._series),
+            "/health": self._with_run(self._health),
         }
 
     def is_active(self) -> bool:
-        return False  # active through data_plugin_names(): the runs holding the monitor's metadata
+        """Active for a run of the monitor's scalars without its metadata too (a plain-PyTorch loop's
+        ``ParameterWatcher``); TensorBoard asks this only when no run holds the metadata."""
+        if self._provider is None:
+            return False
+        ctx = context_module.RequestContext()
+        listing = self._provider.list_scalars(ctx, experiment_id="", plugin_name=SCALARS_PLUGIN)
+        return any(_is_monitor_tag(t) for by_tag in listing.values() for t in by_tag)
 
     def data_plugin_names(self) -> tuple[str, ...]:
         return (tags.PLUGIN_NAME,)
 
     def frontend_metadata(self) -> base_plugin.FrontendMetadata:
+        # disable_reload: TensorBoard's reload does not reach an iframed tab; the tab has its own timer
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Param Monitor", disable_reload=True)
 
     # -- static files ---------------------------------------------------------------------
-    @Request.application
-    def _serve_index(self, request: Request) -> Response:
-        return http_util.Respond(request, (STATIC_DIR / "index.js").read_bytes(), "text/javascript")
+    def _serve_module(self, name: str) -> Callable[..., Any]:
+        """One of the tab's ES modules: ``index.js`` imports ``./model.js`` and ``./views.js`` by these routes."""
+
+        @Request.application
+        def serve(request: Request) -> Response:
+            return http_util.Respond(request, (STATIC_DIR / name).read_bytes(), "text/javascript")
+
+        return serve
 
     @Request.application
     def _serve_static(self, request: Request) -> Response:
@@ -231,6 +307,10 @@ class ParamMonitorPlugin(base_plugin.TBPlugin):
         return http_util.Respond(request, data, "text/javascript", content_encoding="gzip", expires=86400)
 
     # -- data -----------------------------------------------------------------------------
+    @Request.application
+    def _serve_families(self, request: Request) -> Response:
+        return _json(request, {"families": [f.to_json() for f in tags.FAMILIES]})
+
     @Request.application
     def _serve_runs(self, request: Request) -> Response:
         reader = _Reader(self._provider, request)
@@ -267,49 +347,128 @@ class ParamMonitorPlugin(base_plugin.TBPlugin):
         meta = self._metadata(reader, run)
         return meta, [p["name"] for p in meta["parameters"]] if meta else []
 
+    def _shared_of(self, meta: dict[str, Any] | None, tag_names: Iterable[str]) -> dict[str, list[str]]:
+        return meta["shared"] if meta else _shared_from_tags(tag_names)
+
     def _run_info(self, reader: _Reader, run: str, request: Request) -> dict[str, Any]:
         meta, order = self._structure(reader, run)
-        tag_names = reader.scalar_tags(run).get(run, [])
-        rows = {m: model_order(_suffixes(tag_names, m), order) for m in ROW_METRICS}
+        listing = reader.scalar_listing(run)
+        tag_names = list(listing)
+        shared = self._shared_of(meta, tag_names)
+        rows = {m: row_order(_suffixes(tag_names, m), order) for m in heatmap_families()}
         nonfinite = reader.text(run, tags.NONFINITE_TAG)
+        spikes = reader.text(run, SPIKES_TAG)
         return {
             "run": run,
             "parameters": meta["parameters"] if meta else [],
-            "shared": meta["shared"] if meta else _shared_from_tags(tag_names),
-            "rows": rows,
+            "has_metadata": meta is not None,
+            "shared": shared,
+            "groups": shared_groups(shared, order),
+            "rows": {m: names for m, names in rows.items() if names},
             "nonfinite": [{"step": s, "html": plugin_util.markdown_to_safe_html(md)} for s, md in nonfinite],
+            "spikes": [{"step": s, "html": plugin_util.markdown_to_safe_html(md)} for s, md in spikes],
+            "status": run_status(meta, listing),
         }
 
-    def _shared(self, reader: _Reader, run: str, request: Request) -> dict[str, Any]:
-        meta, _ = self._structure(reader, run)
+    def _groups(self, reader: _Reader, run: str, request: Request) -> dict[str, Any]:
+        meta, order = self._structure(reader, run)
         tag_names = set(reader.scalar_tags(run).get(run, []))
-        shared = meta["shared"] if meta else _shared_from_tags(tag_names)
-        return {
-            "run": run,
-            "shared": [_shared_view(reader, run, name, sites, tag_names) for name, sites in shared.items()],
-        }
+        groups = shared_groups(self._shared_of(meta, tag_names), order)
+        return {"run": run, "groups": [_group_view(reader, run, g, tag_names) for g in groups]}
+
+    def _shared(self, reader: _Reader, run: str, request: Request) -> dict[str, Any]:
+        meta, order = self._structure(reader, run)
+        tag_names = set(reader.scalar_tags(run).get(run, []))
+        shared = self._shared_of(meta, tag_names)
+        wanted = request.args.get("name")
+        names = [n for n in model_order(list(shared), order) if wanted is None or n == wanted]
+        return {"run": run, "shared": [_shared_view(reader, run, n, shared[n], tag_names) for n in names]}
 
     def _heatmap(self, reader: _Reader, run: str, request: Request) -> dict[str, Any] | Response:
         metric = request.args.get("metric", tags.GRAD_NORM)
-        if metric not in ROW_METRICS:
-            return http_util.Respond(request, f"param_monitor: unknown metric {metric!r}", "text/plain", code=400)
+        allowed = heatmap_families()
+        if metric not in allowed:
+            why = f"param_monitor: unknown metric {metric!r}; one of {', '.join(allowed)}"
+            return http_util.Respond(request, why, "text/plain", code=400)
         _, order = self._structure(reader, run)
-        names = model_order(_suffixes(reader.scalar_tags(run).get(run, []), metric), order)
-        data = reader.scalars(run, [f"{metric}/{n}" for n in names])
-        rows = {n: data.get(f"{metric}/{n}", {}) for n in names}
+        names = row_order(_suffixes(reader.scalar_tags(run).get(run, []), metric), order)
+        rows = reader.family_rows(run, metric, names)
         steps, values, sources = bin_rows(rows, MAX_COLUMNS)
         return {"run": run, "metric": metric, "rows": names, "steps": steps, "values": values, "cell_steps": sources}
 
     def _series(self, reader: _Reader, run: str, request: Request) -> dict[str, Any]:
         name = request.args.get("name", "")
-        wanted = [f"{m}/{name}" for m in ROW_METRICS]
-        data = reader.scalars(run, [t for t in wanted if t in set(reader.scalar_tags(run).get(run, []))])
+        present = set(reader.scalar_tags(run).get(run, []))
+        data = reader.scalars(run, [t for t in (f"{m}/{name}" for m in heatmap_families()) if t in present])
         out = {}
-        for tag, points in data.items():
+        for metric in heatmap_families():  # the registry's order, not the reader's
+            points = data.get(f"{metric}/{name}")
+            if points is None:
+                continue
             steps = sorted(points)
             keep = evenly_spaced(len(steps), MAX_LINE_POINTS)
-            out[tag.partition("/")[0]] = {"steps": [steps[i] for i in keep], "values": [points[steps[i]] for i in keep]}
+            out[metric] = {"steps": [steps[i] for i in keep], "values": [points[steps[i]] for i in keep]}
         return {"run": run, "name": name, "series": out}
+
+    def _health(self, reader: _Reader, run: str, request: Request) -> dict[str, Any]:
+        _, order = self._structure(reader, run)
+        tag_names = reader.scalar_tags(run).get(run, [])
+        families = (tags.GRAD_NORM, tags.UPDATE_RATIO, tags.DEAD_UNITS)
+        names = {m: row_order(_suffixes(tag_names, m), order) for m in families}
+        rows = {m: reader.family_rows(run, m, names[m]) for m in families}  # the heatmaps' reads, shared
+        every = row_order(set().union(*names.values()), order)
+        findings = health.layers_to_look_at(rows[tags.GRAD_NORM], rows[tags.UPDATE_RATIO], rows[tags.DEAD_UNITS], every)
+        return {
+            "run": run,
+            "findings": findings,
+            "checked": {m: len(names[m]) for m in families},
+            "rules": {
+                "update_ratio_range": list(health.UPDATE_RATIO_RANGE),
+                "dead_fraction": health.DEAD_FRACTION,
+                "vanished": health.VANISHED,
+                "recent": health.RECENT,
+            },
+        }
+
+
+def run_status(meta: dict[str, Any] | None, listing: Mapping[str, int]) -> dict[str, Any]:
+    """What the tab says before any chart: steps logged, whether per-use tracking ran, and why not.
+
+    ``listing`` is ``{tag: last step}`` of the run's scalars. Per-use tracking ran when the metadata
+    names call sites (the tracker finds them) or a ``shared_grad`` tag exists. "No step logged yet"
+    comes from the metadata's ``steps_logged`` (0) where the monitor wrote it, else from the event
+    data: metadata and no scalar step.
+
+    >>> meta = {"steps_logged": 0, "log_every_n_steps": 50, "steps_run": 30, "parameters": [], "shared": {}}
+    >>> status = run_status(meta, {})
+    >>> status["no_step_logged"], status["log_every_n_steps"], status["steps_run"]
+    (True, 50, 30)
+    >>> run_status(meta, {"grad_norm/a.weight": 49})["no_step_logged"]  # written since: the scalars win
+    False
+    """
+    monitor = {t: s for t, s in listing.items() if _is_monitor_tag(t)}
+    parameters = meta["parameters"] if meta else []
+    tracking = meta.get("track_shared") if meta else None
+    if tracking is None:
+        ran = any(p["call_sites"] for p in parameters) or any(t.startswith(f"{tags.SHARED_GRAD}/") for t in monitor)
+        tracking = True if ran else (None if not parameters else False)
+    shared = meta["shared"] if meta else {}
+    single_use = [
+        {"name": p["name"], "aliases": p["aliases"], "sites": p["call_sites"]}
+        for p in parameters
+        if p["aliases"] and p["name"] not in shared and tracking
+    ]
+    said = meta or {}  # the monitor's core writes its logging status into the metadata (steps_logged 0: none yet)
+    no_step = said["steps_logged"] == 0 if "steps_logged" in said else not monitor
+    return {
+        "steps_logged": bool(monitor),
+        "last_step": max(monitor.values(), default=None),
+        "no_step_logged": no_step and not monitor,  # a scalar logged since the metadata was written wins
+        "log_every_n_steps": said.get("log_every_n_steps"),
+        "steps_run": said.get("steps_run"),
+        "tracking": tracking,
+        "single_use_aliases": single_use,
+    }
 
 
 def _suffixes(tag_names: Iterable[str], metric: str) -> list[str]:
@@ -318,13 +477,14 @@ def _suffixes(tag_names: Iterable[str], metric: str) -> list[str]:
 
 
 def _shared_from_tags(tag_names: Iterable[str]) -> dict[str, list[str]]:
-    """Shared parameters and sites from ``shared_grad/{name}/{site}`` tags (runs without metadata)."""
+    """Shared parameters and sites from ``shared_grad/{name}/{site}`` tags (runs without metadata),
+    sites in call order (``#2`` before ``#10``)."""
     shared: dict[str, list[str]] = {}
     for tag in sorted(tag_names):
         if tag.startswith(f"{tags.SHARED_GRAD}/"):
             name, site = tags.split_shared(tag)
             shared.setdefault(name, []).append(site)
-    return shared
+    return {name: row_order(sites, []) for name, sites in shared.items()}
 
 
 def _shared_view(reader: _Reader, run: str, name: str, sites: Sequence[str], tag_names: set[str]) -> dict[str, Any]:
@@ -367,6 +527,75 @@ def _shared_view(reader: _Reader, run: str, name: str, sites: Sequence[str], tag
 
 def _product(share: float | None, norm: float) -> float | None:
     return None if share is None else share * norm
+
+
+def _group_view(reader: _Reader, run: str, group: Mapping[str, Any], tag_names: set[str]) -> dict[str, Any]:
+    """A shared group's compact view: each use's share of the group's gradient per step, and the checks.
+
+    The group's gradient is its tensors' gradients side by side, so use k's share of it is
+    ``Σ_t share_t,k · grad_norm_t² / Σ_t grad_norm_t²`` (the bands add up to 1 at every step, as
+    each tensor's shares do); its norm is ``sqrt(Σ_t ‖c_t,k‖²)``. A step where a value is missing or
+    not finite is a gap (``None``) and is listed in ``nonfinite_steps`` when a value was not finite.
+    """
+    tensors, uses = group["tensors"], group["uses"][:MAX_GROUP_USES]
+    wanted = [tags.grad_norm(t) for t in tensors]
+    wanted += [tags.shared_grad_error(t) for t in tensors] + [tags.shared_grad_cosine(t) for t in tensors]
+    for t in tensors:
+        sites = group["sites"][t][: len(uses)]
+        wanted += [tags.shared_grad_share(t, s) for s in sites] + [tags.shared_grad(t, s) for s in sites]
+    data = reader.scalars(run, [w for w in wanted if w in tag_names])
+    grad = {t: data.get(tags.grad_norm(t), {}) for t in tensors}
+    all_steps = sorted(set().union(*(g.keys() for g in grad.values())))
+    steps = [all_steps[i] for i in evenly_spaced(len(all_steps), MAX_LINE_POINTS)]
+    shares = {t: [data.get(tags.shared_grad_share(t, s), {}) for s in group["sites"][t][: len(uses)]] for t in tensors}
+    norms = {t: [data.get(tags.shared_grad(t, s), {}) for s in group["sites"][t][: len(uses)]] for t in tensors}
+    bands: list[list[float | None]] = [[] for _ in uses]
+    use_norm: list[list[float | None]] = [[] for _ in uses]
+    bad_steps = []
+    for step in steps:
+        weights = [grad[t].get(step) for t in tensors]
+        per_use = [[shares[t][k].get(step) for t in tensors] for k in range(len(uses))]
+        values = [w for w in weights if w is not None] + [v for col in per_use for v in col if v is not None]
+        if any(not math.isfinite(v) for v in values):
+            bad_steps.append(step)
+        total = sum(w * w for w in weights if w is not None and math.isfinite(w))
+        complete = all(w is not None and math.isfinite(w) for w in weights) and total > 0
+        for k, col in enumerate(per_use):
+            ok = complete and all(v is not None and math.isfinite(v) for v in col)
+            bands[k].append(_value(sum(v * w * w for v, w in zip(col, weights, strict=True)) / total) if ok else None)
+            sq = [norms[t][k].get(step) for t in tensors]
+            use_norm[k].append(_value(math.sqrt(sum(v * v for v in sq))) if all(_finite(v) for v in sq) else None)
+    errors = [[data.get(tags.shared_grad_error(t), {}).get(s) for t in tensors] for s in steps]
+    cosines = [[data.get(tags.shared_grad_cosine(t), {}).get(s) for t in tensors] for s in steps]
+    worst = [max((v for v in col if v is not None), default=None, key=_nan_last) for col in errors]
+    finite_worst = [w for w in worst if _finite(w)]
+    return {
+        "name": group["name"],
+        "tensors": list(tensors),
+        "uses": list(uses),
+        "more_uses": max(0, len(group["uses"]) - len(uses)),
+        "steps": steps,
+        "bands": bands,
+        "use_norm": use_norm,
+        "error": worst,
+        "cosine": [_mean([v for v in col if _finite(v)]) for col in cosines],
+        "max_error": max(finite_worst, default=None),
+        "every_use_seen": bool(finite_worst) and max(finite_worst) <= health.EVERY_USE_SEEN_BELOW,
+        "nonfinite_steps": bad_steps,
+    }
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _nan_last(v: float) -> float:
+    """A key for ``max`` that puts an infinite error first and a NaN (no error known) last."""
+    return -math.inf if math.isnan(v) else v
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return _value(math.fsum(values) / len(values)) if values else None
 
 
 @cache
