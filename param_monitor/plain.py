@@ -55,7 +55,7 @@ from param_monitor.sinks import Sink, TensorBoardSink
 
 _WHAT_TO_DO = {
     Problem.NO_BATCH_START: "run the forward pass inside `with monitor.step(step) as s:`",
-    Problem.NO_BACKWARD: "call `s.backward(loss)` instead of `loss.backward()`",
+    Problem.NO_BACKWARD: "call `s.backward(loss)` before `s.log(optimizer)`, instead of `loss.backward()`",
     Problem.UNFINISHED_BACKWARD: "call `s.backward(loss)` instead of `loss.backward()`",
     Problem.NOT_STEPPED: "call `s.log(optimizer)` after the backward pass, before `optimizer.step()`",
 }
@@ -94,6 +94,7 @@ class PlainMonitor:
         self.core.start(model, log_every_n_steps)
         self._open: MonitorStep | None = None
         self._warned: set[Problem | str] = set()
+        self._closed = False
 
     # -- what the core asks of the loop (core.Runtime) -------------------------------------------
     def sinks(self) -> Sequence[Sink]:
@@ -110,10 +111,13 @@ class PlainMonitor:
         """The context of training step ``step``: forward and backward passes inside, ``s.log`` before ``step()``."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"`step` must be an int >= 0 (the step's label), got {step!r}.")
+        if self._closed:  # its hooks are off: the step would run unmonitored
+            raise RuntimeError("`PlainMonitor` is closed: `monitor.step()` needs a new `PlainMonitor`.")
         return MonitorStep(self, step)
 
     def close(self) -> None:
         """The end of training: the pending non-finite record, a warning if no step was logged, hooks off."""
+        self._closed = True
         self.core.end()
         self.core.teardown()
 
@@ -145,6 +149,7 @@ class MonitorStep:
         self.logging = False
         self.metrics: dict[str, float] = {}
         self._first_node = 0
+        self._logged: set[int] = set()  # id() of the optimizers `log` has read in this block
 
     def __enter__(self) -> MonitorStep:
         monitor = self.monitor
@@ -178,6 +183,16 @@ class MonitorStep:
         """Read ``optimizer``'s gradients (final: after every backward pass, before clipping and ``step()``)."""
         self._check_open("log")
         monitor = self.monitor
+        if id(optimizer) in self._logged:
+            # the first call took the statistics and freed the capture: a second read would find no
+            # use captured and blame the backward pass
+            monitor._warn(
+                "log-twice",
+                f"step {self.step}: `s.log(optimizer)` was called twice for the same optimizer; only the first "
+                "call is logged: call it once per optimizer and step, after the last `s.backward`.",
+            )
+            return
+        self._logged.add(id(optimizer))
         if not any(opt is optimizer for opt in monitor._optimizers):
             monitor._optimizers.append(optimizer)
         sinks = monitor._sinks

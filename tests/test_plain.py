@@ -261,3 +261,50 @@ def test_a_short_plain_run_says_why_it_logged_nothing_when_its_block_ends(tmp_pa
                     s.log(optimizer)
     meta = parse_run_metadata(load_events(tmp_path).Tensors("param_monitor/run_metadata")[-1].tensor_proto)
     assert (meta["steps_logged"], meta["steps_run"]) == (0, 3)
+
+
+def test_log_called_twice_for_one_optimizer_is_named_not_blamed_on_backward(tmp_path: Path) -> None:
+    # The second `s.log(optimizer)` of a step used to re-read the freed capture and warn that the
+    # backward pass "was not announced" (it was): the warning named the wrong cause.
+    model = shared_block()
+    monitor, optimizer = monitor_of(model, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2):
+            optimizer.zero_grad()
+            with monitor.step(step) as s:
+                s.backward(model(torch.randn(8, 2)).square().mean())
+                s.log(optimizer)
+                first = dict(s.metrics)
+                s.log(optimizer)
+                assert s.metrics == first  # the second call logs nothing new
+            optimizer.step()
+    monitor.close()
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "was not announced" in m], messages
+    assert len([m for m in messages if "`s.log(optimizer)` was called twice" in m]) == 1, messages
+    scalars = read_scalars(tmp_path)
+    assert sorted(scalars[tags.shared_grad("1.weight", "1")]) == [0, 1]
+
+
+def test_a_closed_monitor_refuses_a_step(tmp_path: Path) -> None:
+    # After close() the hooks are off: a step used to run unmonitored with a warning blaming the
+    # batch start ("ran before the batch start was announced"), not the close.
+    model = shared_block()
+    monitor, optimizer = monitor_of(model, tmp_path)
+    monitor.close()
+    with pytest.raises(RuntimeError, match=r"`PlainMonitor` is closed"):
+        monitor.step(0)
+
+
+def test_log_before_backward_names_the_order(tmp_path: Path) -> None:
+    # `s.log` before `s.backward`: the hint used to say only "instead of `loss.backward()`", which
+    # this loop does not call.
+    model = shared_block()
+    monitor, optimizer = monitor_of(model, tmp_path)
+    with pytest.warns(UserWarning, match=r"no backward pass was announced.*`s.backward\(loss\)` before `s.log"):
+        with monitor.step(0) as s:
+            loss = model(torch.randn(8, 2)).sum()
+            s.log(optimizer)
+            s.backward(loss)
+    monitor.close()
