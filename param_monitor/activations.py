@@ -281,7 +281,8 @@ class ActivationCollector:
     Hooks go on at the first batch of a logging step (:meth:`start`) and come off before its
     optimizer step; the sums ride in the step's one transfer. Under DDP (replicated parameters, ``sharded()`` False)
     the core does not reduce collectors' values, so :meth:`pack` SUM-all-reduces them itself, after
-    the ranks agree on each module's sites (two collectives, logging steps only); with sharded parameters the core's own reduction sums them.
+    the ranks agree on each module's sites (two collectives, logging steps only); with sharded
+    parameters the core's own reduction sums them (after the same agreement).
     """
 
     def __init__(
