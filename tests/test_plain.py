@@ -308,3 +308,27 @@ def test_log_before_backward_names_the_order(tmp_path: Path) -> None:
             s.log(optimizer)
             s.backward(loss)
     monitor.close()
+
+
+def test_histograms_of_a_sparse_gradient_are_written_not_a_crash(tmp_path: Path) -> None:
+    # `nn.Embedding(sparse=True)` used twice: `.grad` is a sparse tensor; the histogram step used to
+    # raise NotImplementedError (`isfinite` has no sparse kernel) inside `s.log`.
+    from tests.helpers.events import read_histograms
+
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 10)
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.tensor([[1, 2, 2, 3]])
+    with PlainMonitor(model, SummaryWriter(str(tmp_path)), log_every_n_steps=1, histogram_every_n_steps=1) as monitor:
+        with monitor.step(0) as s:
+            s.backward(head(emb(x) + emb(x.flip(1))).square().mean())
+            s.log(optimizer)
+        assert emb.weight.grad.is_sparse
+        dense = emb.weight.grad.to_dense()
+        optimizer.step()
+    histograms = read_histograms(tmp_path)
+    grad = next(h[0] for tag, h in histograms.items() if "grad" in tag and "emb.weight" in tag)
+    assert grad.num == dense.numel()
+    assert grad.sum == pytest.approx(dense.sum().item(), abs=1e-6)
+    assert read_scalars(tmp_path)["grad_norm/emb.weight"][0] == pytest.approx(dense.norm().item(), rel=1e-6)
