@@ -332,3 +332,27 @@ def test_histograms_of_a_sparse_gradient_are_written_not_a_crash(tmp_path: Path)
     assert grad.num == dense.numel()
     assert grad.sum == pytest.approx(dense.sum().item(), abs=1e-6)
     assert read_scalars(tmp_path)["grad_norm/emb.weight"][0] == pytest.approx(dense.norm().item(), rel=1e-6)
+
+
+def test_check_finite_every_step_takes_a_sparse_gradient(tmp_path: Path) -> None:
+    # `check_finite_every_step` on a step that does not log: `_foreach_norm(dtype=...)` has no sparse
+    # kernel, and raised RuntimeError inside `s.log`; a NaN in the sparse gradient is still recorded.
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 10)
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.tensor([[1, 2, 2, 3]])
+    options = {"log_every_n_steps": 3, "check_finite_every_step": True}
+    with pytest.warns(UserWarning, match=r"non-finite \(NaN/inf\) gradients first at step 1, in emb.weight"):
+        with PlainMonitor(model, SummaryWriter(str(tmp_path)), **options) as monitor:
+            for step in range(3):
+                optimizer.zero_grad()
+                with monitor.step(step) as s:
+                    s.backward(head(emb(x)).square().mean())
+                    if step == 1:
+                        emb.weight.grad._values()[0, 0] = float("nan")
+                    s.log(optimizer)
+                if step != 1:
+                    optimizer.step()
+    record = read_texts(tmp_path, "param_monitor/nonfinite")[0][1]
+    assert "| first step | 1 |" in record and "| first layers | emb.weight |" in record
