@@ -85,11 +85,17 @@ class PlainMonitor:
         optimizers: Sequence[Optimizer] = (),
         **options: Any,
     ) -> None:
+        # the callback's None means "the Trainer's"; a plain loop has no Trainer (it would never log)
+        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise ValueError(f"`log_every_n_steps` must be a positive int, got {log_every_n_steps!r}.")
         self.model = model
         self.scaler = scaler
         self._optimizers = list(optimizers)
+        rank_zero = distributed.is_rank_zero()
+        if rank_zero or writer is not None:  # other ranks write nothing: they may pass None
+            _check_writer(writer)
         sinks = list(writer) if isinstance(writer, list | tuple) else [TensorBoardSink(writer)]
-        self._sinks: list[Sink] = sinks if distributed.is_rank_zero() else []
+        self._sinks: list[Sink] = sinks if rank_zero else []
         self.core = MonitorCore(MonitorConfig(log_every_n_steps=log_every_n_steps, **options), self)
         self.core.start(model, log_every_n_steps)
         self._open: MonitorStep | None = None
@@ -138,6 +144,21 @@ class PlainMonitor:
     def _report(self, problems: list[Problem], step: int) -> None:
         for problem in problems:
             self._warn(problem, f"step {step}: {problem.value}, so it was not monitored: {_WHAT_TO_DO[problem]}.")
+
+
+def _check_writer(writer: Any) -> None:
+    """A ``SummaryWriter`` (anything with ``add_scalar`` and ``add_text``) or a list of sinks, refused at once
+    otherwise: a wrong one would fail inside the first logging step, in the middle of training."""
+    if isinstance(writer, list | tuple):
+        wrong = [w for w in writer if not isinstance(w, Sink)]
+        if not wrong:
+            return
+    elif all(callable(getattr(writer, method, None)) for method in ("add_scalar", "add_text")):
+        return
+    raise ValueError(
+        "`writer` must be a `SummaryWriter` (torch's or tensorboardX's; None only on ranks other than 0) "
+        f"or a list of `Sink`s, got {type(writer).__name__} {writer!r}."
+    )
 
 
 class MonitorStep:

@@ -356,3 +356,18 @@ def test_check_finite_every_step_takes_a_sparse_gradient(tmp_path: Path) -> None
                     optimizer.step()
     record = read_texts(tmp_path, "param_monitor/nonfinite")[0][1]
     assert "| first step | 1 |" in record and "| first layers | emb.weight |" in record
+
+
+@pytest.mark.parametrize("writer", [None, "runs/plain"])
+def test_a_writer_that_is_not_one_is_refused_at_construction(tmp_path: Path, writer: object) -> None:
+    # None or a folder name used to be accepted and fail inside the first logging step
+    # (AttributeError: no `add_text`), in the middle of training.
+    with pytest.raises(ValueError, match=r"`writer` must be a `SummaryWriter`.*or a list of `Sink`s, got"):
+        PlainMonitor(shared_block(), writer, log_every_n_steps=1)
+
+
+def test_log_every_n_steps_none_is_refused_in_a_plain_loop(tmp_path: Path) -> None:
+    # None means "the Trainer's" for the callback; a plain loop has no Trainer: it used to log
+    # nothing at all, without a warning.
+    with pytest.raises(ValueError, match=r"`log_every_n_steps` must be a positive int.*got None"):
+        PlainMonitor(shared_block(), SummaryWriter(str(tmp_path)), log_every_n_steps=None)
