@@ -129,11 +129,18 @@ class ActivationStats:
             mid: _sequential_parent(paths, modules_at) for mid, paths in self._paths.items() if len(paths) > 1
         }
         self._handles: list[RemovableHandle] = []
+        # the site names of the last `pack` -> the first path of their module (ranks agree per module)
+        self.module_of: dict[str, str] = {}
         self.reset()
 
     @property
     def active(self) -> bool:
         return bool(self._handles)
+
+    @property
+    def leaf_paths(self) -> list[str]:
+        """The first path of every selected leaf module, sorted (the same list on every rank)."""
+        return sorted(self._paths[mid][0] for mid in self._leaves)
 
     @property
     def monitored(self) -> int:
@@ -221,12 +228,14 @@ class ActivationStats:
     def pack(self, device: torch.device | None = None) -> tuple[Tensor, list[str]]:
         """``[count, Σx, Σx², zeros]`` per site (float64, on ``device`` or the first output's), and the sites.
 
-        Sites in the order of their first call. Under DDP, SUM-all-reduce the vector (every rank has
-        the same sites when the model's control flow does not depend on the data).
+        Sites in the order of their first call; :attr:`module_of` maps each to its module. Under DDP the
+        ranks first agree on the sites (``ActivationCollector._agree``), then SUM-all-reduce the vector.
         """
         sites: dict[str, Tensor] = {}
+        self.module_of = {}
         for key, (count, sums) in self._sums.items():
             name = self.site(key)
+            self.module_of[name] = self._paths[key[0]][0]
             row = torch.cat([torch.tensor([float(count)], dtype=torch.float64, device=sums.device), sums])
             sites[name] = sites[name] + row if name in sites else row
         if not sites:
@@ -271,8 +280,9 @@ class ActivationCollector:
 
     Hooks go on at the first batch of a logging step (:meth:`start`) and come off before its
     optimizer step; the sums ride in the step's one transfer. Under DDP (replicated parameters, ``sharded()`` False)
-    the core does not reduce collectors' values, so :meth:`pack` SUM-all-reduces them itself (one
-    collective, logging steps only); with sharded parameters the core's own reduction sums them.
+    the core does not reduce collectors' values, so :meth:`pack` SUM-all-reduces them itself, after
+    the ranks agree on each module's sites (two collectives, logging steps only); with sharded
+    parameters the core's own reduction sums them (after the same agreement).
     """
 
     def __init__(
@@ -294,6 +304,7 @@ class ActivationCollector:
         self._sites: list[str] = []
         self._packed = False  # this step's sums went out already (a second optimizer gets none)
         self._warned = False
+        self._diverged: set[tuple[str, tuple[int, ...]]] = set()  # (module, calls per rank) warned about
 
     def start(self, module: nn.Module) -> None:
         """The first batch of a logging step: hooks on, sums from zero."""
@@ -336,11 +347,50 @@ class ActivationCollector:
             return torch.zeros(0, dtype=torch.float64)
         self._packed = True
         packed, self._sites = self.stats.pack()
-        self.stats.reset()
         group = distributed.reduction_group()
+        if group is not None:  # the ranks' sites must line up before they are summed, sharded or not
+            packed, self._sites = self._agree(packed, self._sites, group)
+        self.stats.reset()
         if group is not None and not self._sharded():
             packed = distributed.all_reduce_sum(packed, group)
         return packed
+
+    def _agree(self, packed: Tensor, sites: list[str], group: Any) -> tuple[Tensor, list[str]]:
+        """The rows of the modules that every rank called alike, in one order on every rank.
+
+        A data-dependent branch can make the ranks call modules in another order, or another number
+        of times: summed position by position, one module's sums would land on another's site, or the
+        vectors would differ in length (a collective mismatch). So the ranks agree per module on its
+        sites (one all-gather of 16 bytes per selected leaf module, :func:`distributed.agree_on_uses`);
+        a module whose sites differ gets no value at this step, and one warning names it.
+        """
+        from param_monitor import distributed
+
+        by_module: dict[str, list[str]] = {}
+        for site in sites:
+            by_module.setdefault(self.stats.module_of[site], []).append(site)
+        for names in by_module.values():
+            names.sort()  # the order of first calls may differ between ranks; the names may not
+        modules = self.stats.leaf_paths
+        if not modules:
+            return packed, sites
+        agreement = distributed.agree_on_uses(modules, by_module, group)
+        new = {m: c for m, c in agreement.differ.items() if (m, tuple(c)) not in self._diverged}
+        if new:
+            self._diverged.update((m, tuple(c)) for m, c in new.items())
+            listed = "; ".join(f"`{m}`: calls per rank {c}" for m, c in new.items())
+            distributed.warn_rank_zero(
+                f"`ParameterMonitor`: on a logging step the ranks called modules differently ({listed}): their "
+                "activation statistics cannot be combined, so none is written for them at that step (a "
+                "data-dependent branch; said once per module and counts)."
+            )
+        keep = [site for m in modules if m in agreement.agreed for site in by_module[m]]
+        if keep == sites:
+            return packed, sites
+        width = len(FIELDS)
+        where = {site: i for i, site in enumerate(sites)}
+        index = torch.tensor([where[site] for site in keep], dtype=torch.long, device=packed.device)
+        return packed.view(-1, width).index_select(0, index).reshape(-1), keep
 
     def finalize(self, values: Sequence[float]) -> dict[str, float]:
         from param_monitor import distributed

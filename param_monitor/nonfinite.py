@@ -111,6 +111,8 @@ class NonFinitePolicy:
         grads = [distributed.local_tensor(p.grad) for _, p in named_params if p.grad is not None]
         if not grads:
             return
+        # a sparse gradient (`nn.Embedding(sparse=True)`): its values (no sparse kernel takes `dtype`)
+        grads = [g.coalesce().values() if g.is_sparse else g for g in grads]
         norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
         device = norms[0].device
         it = iter(norms)

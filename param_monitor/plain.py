@@ -55,7 +55,7 @@ from param_monitor.sinks import Sink, TensorBoardSink
 
 _WHAT_TO_DO = {
     Problem.NO_BATCH_START: "run the forward pass inside `with monitor.step(step) as s:`",
-    Problem.NO_BACKWARD: "call `s.backward(loss)` instead of `loss.backward()`",
+    Problem.NO_BACKWARD: "call `s.backward(loss)` before `s.log(optimizer)`, instead of `loss.backward()`",
     Problem.UNFINISHED_BACKWARD: "call `s.backward(loss)` instead of `loss.backward()`",
     Problem.NOT_STEPPED: "call `s.log(optimizer)` after the backward pass, before `optimizer.step()`",
 }
@@ -85,15 +85,22 @@ class PlainMonitor:
         optimizers: Sequence[Optimizer] = (),
         **options: Any,
     ) -> None:
+        # the callback's None means "the Trainer's"; a plain loop has no Trainer (it would never log)
+        if isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 1:
+            raise ValueError(f"`log_every_n_steps` must be a positive int, got {log_every_n_steps!r}.")
         self.model = model
         self.scaler = scaler
         self._optimizers = list(optimizers)
+        rank_zero = distributed.is_rank_zero()
+        if rank_zero or writer is not None:  # other ranks write nothing: they may pass None
+            _check_writer(writer)
         sinks = list(writer) if isinstance(writer, list | tuple) else [TensorBoardSink(writer)]
-        self._sinks: list[Sink] = sinks if distributed.is_rank_zero() else []
+        self._sinks: list[Sink] = sinks if rank_zero else []
         self.core = MonitorCore(MonitorConfig(log_every_n_steps=log_every_n_steps, **options), self)
         self.core.start(model, log_every_n_steps)
         self._open: MonitorStep | None = None
         self._warned: set[Problem | str] = set()
+        self._closed = False
 
     # -- what the core asks of the loop (core.Runtime) -------------------------------------------
     def sinks(self) -> Sequence[Sink]:
@@ -110,10 +117,13 @@ class PlainMonitor:
         """The context of training step ``step``: forward and backward passes inside, ``s.log`` before ``step()``."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"`step` must be an int >= 0 (the step's label), got {step!r}.")
+        if self._closed:  # its hooks are off: the step would run unmonitored
+            raise RuntimeError("`PlainMonitor` is closed: `monitor.step()` needs a new `PlainMonitor`.")
         return MonitorStep(self, step)
 
     def close(self) -> None:
         """The end of training: the pending non-finite record, a warning if no step was logged, hooks off."""
+        self._closed = True
         self.core.end()
         self.core.teardown()
 
@@ -136,6 +146,21 @@ class PlainMonitor:
             self._warn(problem, f"step {step}: {problem.value}, so it was not monitored: {_WHAT_TO_DO[problem]}.")
 
 
+def _check_writer(writer: Any) -> None:
+    """A ``SummaryWriter`` (anything with ``add_scalar`` and ``add_text``) or a list of sinks, refused at once
+    otherwise: a wrong one would fail inside the first logging step, in the middle of training."""
+    if isinstance(writer, list | tuple):
+        wrong = [w for w in writer if not isinstance(w, Sink)]
+        if not wrong:
+            return
+    elif all(callable(getattr(writer, method, None)) for method in ("add_scalar", "add_text")):
+        return
+    raise ValueError(
+        "`writer` must be a `SummaryWriter` (torch's or tensorboardX's; None only on ranks other than 0) "
+        f"or a list of `Sink`s, got {type(writer).__name__} {writer!r}."
+    )
+
+
 class MonitorStep:
     """One step's context (``monitor.step(step)``); ``metrics`` holds what ``log`` wrote last."""
 
@@ -145,6 +170,7 @@ class MonitorStep:
         self.logging = False
         self.metrics: dict[str, float] = {}
         self._first_node = 0
+        self._logged: set[int] = set()  # id() of the optimizers `log` has read in this block
 
     def __enter__(self) -> MonitorStep:
         monitor = self.monitor
@@ -178,6 +204,16 @@ class MonitorStep:
         """Read ``optimizer``'s gradients (final: after every backward pass, before clipping and ``step()``)."""
         self._check_open("log")
         monitor = self.monitor
+        if id(optimizer) in self._logged:
+            # the first call took the statistics and freed the capture: a second read would find no
+            # use captured and blame the backward pass
+            monitor._warn(
+                "log-twice",
+                f"step {self.step}: `s.log(optimizer)` was called twice for the same optimizer; only the first "
+                "call is logged: call it once per optimizer and step, after the last `s.backward`.",
+            )
+            return
+        self._logged.add(id(optimizer))
         if not any(opt is optimizer for opt in monitor._optimizers):
             monitor._optimizers.append(optimizer)
         sinks = monitor._sinks

@@ -80,6 +80,9 @@ class RunWriter:
         values = self.first_at_step({**weights, **grads})
         if not values:
             return
+        # a sparse gradient (`nn.Embedding(sparse=True)`): the dense tensor the optimizer steps on
+        # (`isfinite` and TensorBoard's histogram have no sparse kernel)
+        values = {tag: v.to_dense() if v.is_sparse else v for tag, v in values.items()}
         flags = torch.stack([torch.isfinite(v).all() for v in values.values()]).tolist()  # one sync
         finite = dict(zip(values, flags, strict=True))
         if scaled and not all(finite.get(tag, True) for tag in grads):

@@ -315,3 +315,88 @@ def test_module_patterns_without_the_option_are_refused_and_matching_nothing_is_
     with pytest.warns(UserWarning, match="no leaf module is selected"):
         _, scalars = fit(ReluTwice(), tmp_path, ParameterMonitor(log_activations=True, activation_include=["x.*"]))
     assert scalars and not any(t.startswith("activation_") for t in scalars)
+
+
+# -- ranks whose forward passes differ (a data-dependent branch) -----------------------------------------
+class _Branchy(nn.Module):
+    """Rank 0 calls ``a`` then ``b``; rank 1 calls ``b`` then ``a``, and ``c`` once more on step 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, rank: int, step: int) -> torch.Tensor:
+        x = self.b(self.a(x)) if rank == 0 else self.a(self.b(x))
+        for _ in range(1 + (rank == 1 and step == 1)):
+            x = self.c(x)
+        return x
+
+
+def _branchy_worker(rank: int, port: int, out: str) -> None:
+    import os
+    import warnings
+
+    import torch.distributed as dist
+    from torch.utils.tensorboard import SummaryWriter
+
+    from param_monitor import PlainMonitor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model = _Branchy()
+    outputs: dict[tuple[int, str], list[torch.Tensor]] = {}
+    now = [0]
+    for name in "ab":
+        getattr(model, name).register_forward_hook(
+            lambda m, a, o, name=name: outputs.setdefault((now[0], name), []).append(o.detach().double().flatten())
+        )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    writer = SummaryWriter(out) if rank == 0 else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with PlainMonitor(model, writer, log_every_n_steps=1, log_activations=True) as monitor:
+            for step in range(2):
+                now[0] = step
+                x = torch.randn(8, 4, generator=torch.Generator().manual_seed(10 * step + rank))
+                optimizer.zero_grad()
+                with monitor.step(step) as s:
+                    s.backward(model(x, rank, step).square().mean())
+                    s.log(optimizer)
+                optimizer.step()
+    # the oracle: every rank's outputs of `a` and `b`
+    for key in sorted(outputs):
+        local = torch.cat(outputs[key])
+        gathered = [torch.empty_like(local) for _ in range(2)]
+        dist.all_gather(gathered, local)
+        outputs[key] = [torch.cat(gathered)]
+    if rank == 0:
+        torch.save({"outputs": outputs, "warnings": [str(w.message) for w in caught]}, f"{out}/oracle.pt")
+        writer.close()
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_ranks_calling_modules_in_another_order_or_count_neither_mix_sites_nor_crash(tmp_path: Path) -> None:
+    """The ranks' site lists used to be summed position by position: rank 0's `a` with rank 1's `b`
+    (silently wrong), and a rank with one call more sent a longer vector (gloo aborted)."""
+    import torch.multiprocessing as mp
+
+    from tests.helpers.events import read_scalars
+    from tests.helpers.processes import free_port, retry_if_killed
+
+    def attempt(out: Path) -> None:
+        mp.spawn(_branchy_worker, args=(free_port(), str(out)), nprocs=2)
+
+    out = retry_if_killed(attempt, tmp_path)
+    logged = read_scalars(out)
+    oracle = torch.load(out / "oracle.pt")
+    for step in (0, 1):
+        for site in "ab":
+            mean, std, zeros = _oracle(oracle["outputs"][(step, site)])
+            assert logged[f"activation_mean/{site}"][step] == pytest.approx(mean, rel=1e-5, abs=1e-7)
+            assert logged[f"activation_std/{site}"][step] == pytest.approx(std, rel=1e-5)
+    # `c`: once on both ranks at step 0; once against twice at step 1: not written then, and said so
+    assert sorted(logged["activation_mean/c"]) == [0]
+    assert not any(tag.startswith("activation_mean/c#") for tag in logged)
+    assert [w for w in oracle["warnings"] if "`c`" in w and "[1, 2]" in w], oracle["warnings"]

@@ -261,3 +261,113 @@ def test_a_short_plain_run_says_why_it_logged_nothing_when_its_block_ends(tmp_pa
                     s.log(optimizer)
     meta = parse_run_metadata(load_events(tmp_path).Tensors("param_monitor/run_metadata")[-1].tensor_proto)
     assert (meta["steps_logged"], meta["steps_run"]) == (0, 3)
+
+
+def test_log_called_twice_for_one_optimizer_is_named_not_blamed_on_backward(tmp_path: Path) -> None:
+    # The second `s.log(optimizer)` of a step used to re-read the freed capture and warn that the
+    # backward pass "was not announced" (it was): the warning named the wrong cause.
+    model = shared_block()
+    monitor, optimizer = monitor_of(model, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2):
+            optimizer.zero_grad()
+            with monitor.step(step) as s:
+                s.backward(model(torch.randn(8, 2)).square().mean())
+                s.log(optimizer)
+                first = dict(s.metrics)
+                s.log(optimizer)
+                assert s.metrics == first  # the second call logs nothing new
+            optimizer.step()
+    monitor.close()
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "was not announced" in m], messages
+    assert len([m for m in messages if "`s.log(optimizer)` was called twice" in m]) == 1, messages
+    scalars = read_scalars(tmp_path)
+    assert sorted(scalars[tags.shared_grad("1.weight", "1")]) == [0, 1]
+
+
+def test_a_closed_monitor_refuses_a_step(tmp_path: Path) -> None:
+    # After close() the hooks are off: a step used to run unmonitored with a warning blaming the
+    # batch start ("ran before the batch start was announced"), not the close.
+    model = shared_block()
+    monitor, optimizer = monitor_of(model, tmp_path)
+    monitor.close()
+    with pytest.raises(RuntimeError, match=r"`PlainMonitor` is closed"):
+        monitor.step(0)
+
+
+def test_log_before_backward_names_the_order(tmp_path: Path) -> None:
+    # `s.log` before `s.backward`: the hint used to say only "instead of `loss.backward()`", which
+    # this loop does not call.
+    model = shared_block()
+    monitor, optimizer = monitor_of(model, tmp_path)
+    with pytest.warns(UserWarning, match=r"no backward pass was announced.*`s.backward\(loss\)` before `s.log"):
+        with monitor.step(0) as s:
+            loss = model(torch.randn(8, 2)).sum()
+            s.log(optimizer)
+            s.backward(loss)
+    monitor.close()
+
+
+def test_histograms_of_a_sparse_gradient_are_written_not_a_crash(tmp_path: Path) -> None:
+    # `nn.Embedding(sparse=True)` used twice: `.grad` is a sparse tensor; the histogram step used to
+    # raise NotImplementedError (`isfinite` has no sparse kernel) inside `s.log`.
+    from tests.helpers.events import read_histograms
+
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 10)
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.tensor([[1, 2, 2, 3]])
+    with PlainMonitor(model, SummaryWriter(str(tmp_path)), log_every_n_steps=1, histogram_every_n_steps=1) as monitor:
+        with monitor.step(0) as s:
+            s.backward(head(emb(x) + emb(x.flip(1))).square().mean())
+            s.log(optimizer)
+        assert emb.weight.grad.is_sparse
+        dense = emb.weight.grad.to_dense()
+        optimizer.step()
+    histograms = read_histograms(tmp_path)
+    grad = next(h[0] for tag, h in histograms.items() if "grad" in tag and "emb.weight" in tag)
+    assert grad.num == dense.numel()
+    assert grad.sum == pytest.approx(dense.sum().item(), abs=1e-6)
+    assert read_scalars(tmp_path)["grad_norm/emb.weight"][0] == pytest.approx(dense.norm().item(), rel=1e-6)
+
+
+def test_check_finite_every_step_takes_a_sparse_gradient(tmp_path: Path) -> None:
+    # `check_finite_every_step` on a step that does not log: `_foreach_norm(dtype=...)` has no sparse
+    # kernel, and raised RuntimeError inside `s.log`; a NaN in the sparse gradient is still recorded.
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(10, 4, sparse=True), nn.Linear(4, 10)
+    model = nn.ModuleDict({"emb": emb, "head": head})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.tensor([[1, 2, 2, 3]])
+    options = {"log_every_n_steps": 3, "check_finite_every_step": True}
+    with pytest.warns(UserWarning, match=r"non-finite \(NaN/inf\) gradients first at step 1, in emb.weight"):
+        with PlainMonitor(model, SummaryWriter(str(tmp_path)), **options) as monitor:
+            for step in range(3):
+                optimizer.zero_grad()
+                with monitor.step(step) as s:
+                    s.backward(head(emb(x)).square().mean())
+                    if step == 1:
+                        emb.weight.grad._values()[0, 0] = float("nan")
+                    s.log(optimizer)
+                if step != 1:
+                    optimizer.step()
+    record = read_texts(tmp_path, "param_monitor/nonfinite")[0][1]
+    assert "| first step | 1 |" in record and "| first layers | emb.weight |" in record
+
+
+@pytest.mark.parametrize("writer", [None, "runs/plain"])
+def test_a_writer_that_is_not_one_is_refused_at_construction(tmp_path: Path, writer: object) -> None:
+    # None or a folder name used to be accepted and fail inside the first logging step
+    # (AttributeError: no `add_text`), in the middle of training.
+    with pytest.raises(ValueError, match=r"`writer` must be a `SummaryWriter`.*or a list of `Sink`s, got"):
+        PlainMonitor(shared_block(), writer, log_every_n_steps=1)
+
+
+def test_log_every_n_steps_none_is_refused_in_a_plain_loop(tmp_path: Path) -> None:
+    # None means "the Trainer's" for the callback; a plain loop has no Trainer: it used to log
+    # nothing at all, without a warning.
+    with pytest.raises(ValueError, match=r"`log_every_n_steps` must be a positive int.*got None"):
+        PlainMonitor(shared_block(), SummaryWriter(str(tmp_path)), log_every_n_steps=None)
