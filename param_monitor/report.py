@@ -9,8 +9,9 @@ per-use norms next to its total, loss and accuracy, the share stack of the first
 gradient-flow heatmap (rows = parameters in the model's order, columns = steps, colour =
 ``log10 grad_norm``; NaN/inf magenta, exact zeros black), layer health (heatmaps of the update
 ratio, its 1e-3 rule of thumb the centre of the colour scale, and of the dead units) and the
-layers to look at (the tab's rules, :mod:`param_monitor.tensorboard_plugin.health`). Panels whose
-tags are missing say so.
+layers to look at (the tab's rules, :mod:`param_monitor.tensorboard_plugin.health`). The steps of
+the ``param_monitor/spikes`` record (``detect_spikes=True``) are dashed red lines on the gradient
+norm and the loss panels. Panels whose tags are missing say so.
 
 Needs matplotlib: ``pip install 'param_monitor[report]'``.
 """
@@ -39,6 +40,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from param_monitor import tags  # noqa: E402
+from param_monitor.spikes import Spike, parse_markdown  # noqa: E402
 from param_monitor.tensorboard_plugin import health  # noqa: E402
 from param_monitor.tensorboard_plugin.metadata import model_order, parse_run_metadata, row_order, shared_groups  # noqa: E402
 
@@ -50,6 +52,9 @@ NO_DEAD_UNITS = "no dead_units tags: ParameterMonitor(log_dead_units=True) logs 
 #: the rule of thumb for the update ratio, the centre of its colour scale
 UPDATE_RATIO_GUIDE = 1e-3
 NONFINITE_COLOUR = "#ff00ff"
+#: the gid of the vertical lines marking a spike's step (``detect_spikes=True``), for finding them again
+SPIKE_GID = "spike"
+SPIKE_COLOUR = "red"
 
 
 @dataclass(frozen=True)
@@ -62,11 +67,13 @@ class Series:
 
 @dataclass(frozen=True)
 class Run:
-    """A run's scalars (tags in the order first written) and, when written, its parameters in model order."""
+    """A run's scalars (tags in the order first written), when written, its parameters in model order, and
+    the spikes of its ``param_monitor/spikes`` record (the last one written: it lists the fit's first)."""
 
     scalars: dict[str, Series]
     parameters: list[str]
     aliases: dict[str, list[str]]
+    spikes: tuple[Spike, ...] = ()
 
 
 def event_dirs(log_dir: str | os.PathLike[str]) -> list[Path]:
@@ -79,6 +86,7 @@ def read_run(log_dir: str | os.PathLike[str]) -> Run:
     series: dict[str, Series] = {}
     parameters: list[str] = []
     aliases: dict[str, list[str]] = {}
+    spikes: tuple[int, tuple[Spike, ...]] = (-1, ())  # (step, spikes) of the latest record
     for directory in event_dirs(log_dir):
         # size guidance 0 = keep every point; the default reservoir keeps a random 1000 per tag.
         acc = EventAccumulator(str(directory), size_guidance={"scalars": 0, "tensors": 0})
@@ -90,7 +98,18 @@ def read_run(log_dir: str | os.PathLike[str]) -> Run:
             meta = parse_run_metadata(acc.Tensors(tags.RUN_METADATA_TAG)[-1].tensor_proto)
             parameters = [p["name"] for p in meta["parameters"]]
             aliases = {p["name"]: p["aliases"] for p in meta["parameters"] if p["aliases"]}
-    return Run(series, parameters, aliases)
+        spikes = max(spikes, _spike_record(acc), key=lambda record: record[0])
+    return Run(series, parameters, aliases, spikes[1])
+
+
+def _spike_record(acc: EventAccumulator) -> tuple[int, tuple[Spike, ...]]:
+    """The step and spikes of the last ``param_monitor/spikes`` text in ``acc`` (``(-1, ())`` when none):
+    each record lists the first spikes of the fit so far, so the last one holds them all."""
+    key = f"{tags.SPIKES_TAG}/text_summary"  # torch's add_text appends /text_summary
+    if key not in acc.Tags()["tensors"]:
+        return -1, ()
+    last = acc.Tensors(key)[-1]
+    return last.step, tuple(parse_markdown(last.tensor_proto.string_val[0].decode("utf-8")))
 
 
 def read_scalars(log_dir: str | os.PathLike[str]) -> dict[str, Series]:
@@ -113,17 +132,26 @@ def shared_sites(series: dict[str, Series], family: str = tags.SHARED_GRAD) -> d
     return shared
 
 
-def _plot_lines(ax: Axes, lines: dict[str, Series], title: str, empty_note: str) -> None:
+def _plot_lines(ax: Axes, lines: dict[str, Series], title: str, empty_note: str, spikes: Sequence[int] = ()) -> None:
     for label, s in lines.items():
         # Biases dashed: weights and biases of one layer share a colour cycle position otherwise.
         style = "--" if ".bias" in label else "-"
         ax.plot(s.steps, s.values, style, label=label, linewidth=1)
+    _mark_spikes(ax, spikes)
     ax.set_title(title)
     ax.set_xlabel("step")
     if lines:
         ax.legend(fontsize="xx-small" if len(lines) > 9 else "x-small", ncol=2 if len(lines) > 9 else 1)
     else:
         _note(ax, empty_note)
+
+
+def _mark_spikes(ax: Axes, steps: Sequence[int]) -> None:
+    """A dashed red vertical line at each spike's step; one legend entry ("spike") for all of them."""
+    for i, step in enumerate(sorted(set(steps))):
+        line = ax.axvline(step, color=SPIKE_COLOUR, linestyle="--", linewidth=0.8, alpha=0.8,
+                          label="spike" if i == 0 else "_spike")  # fmt: skip
+        line.set_gid(SPIKE_GID)
 
 
 def _note(ax: Axes, text: str) -> None:
@@ -330,11 +358,12 @@ def summary_figure(series: dict[str, Series] | Run, title: str = "") -> Figure:
     grid = fig.add_gridspec(5, 2, height_ratios=[1, 1, 1, 1, 0.35])
     axes = np.array([[fig.add_subplot(grid[r, c]) for c in range(2)] for r in range(3)])
     _plot_lines(axes[0, 0], _with_prefix(scalars, "weight_mean/"), "weight mean per layer", NO_MONITOR)
-    _plot_lines(axes[0, 1], _with_prefix(scalars, "grad_norm/"), "gradient norm per layer", NO_MONITOR)
+    spikes = [s.step for s in run.spikes]  # every series' spikes on both panels: one step, one cause to look for
+    _plot_lines(axes[0, 1], _with_prefix(scalars, "grad_norm/"), "gradient norm per layer", NO_MONITOR, spikes)
     _plot_lines(axes[1, 0], _shared_lines(scalars, run.parameters), "shared: gradient norm per use, and total",
                 NO_SHARED)
     metrics = {tag: scalars[tag] for tag in ("train_loss", "val_loss", "val_acc") if tag in scalars}
-    _plot_lines(axes[1, 1], metrics, "loss and accuracy", "no metrics logged")
+    _plot_lines(axes[1, 1], metrics, "loss and accuracy", "no metrics logged", spikes)
     _plot_share_stack(axes[2, 0], scalars, run.parameters)
     _plot_heatmap(fig, axes[2, 1], run)
     ratio, dead = fig.add_subplot(grid[3, 0]), fig.add_subplot(grid[3, 1])

@@ -134,6 +134,21 @@ def markdown(spikes: Sequence[Spike], total: int, rule: str) -> str:
     return "\n".join(lines)
 
 
+def parse_markdown(text: str) -> list[Spike]:
+    """The spikes listed in a :func:`markdown` record (its table's rows, in its order).
+
+    >>> found = [Spike("train_loss", 37, 50.5, 2.25), Spike("grad_norm_total", 40, 9.0, 1.5)]
+    >>> parse_markdown(markdown(found, 2, rule())) == found
+    True
+    """
+    spikes = []
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and cells[0].isdigit():  # a table row; not the header, the rule or the separator
+            spikes.append(Spike(cells[1], int(cells[0]), float(cells[2]), float(cells[3])))
+    return spikes
+
+
 #: the rule as the text record states it
 def rule(window: int = 100, threshold: float = 6.0, warmup: int = 20) -> str:
     return (

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from param_monitor import report
@@ -195,4 +197,49 @@ def test_a_layer_shared_at_many_depths_gets_one_line_per_use_not_per_tensor_and_
     assert list(lines) == [f"layer @ call {k}" for k in range(12)] + ["layer total"]
     assert lines["layer @ call 10"] == pytest.approx([math.sqrt(10**2 + 11**2 + 12**2)] * 2)
     assert lines["layer total"] == pytest.approx([math.sqrt(4 + 9 + 16)] * 2)
+    plt.close(fig)
+
+
+# -- spikes (detect_spikes=True), from a real fit -----------------------------------------------------
+def _spike_marks(ax: plt.Axes) -> list[float]:
+    """The x of every vertical spike marker on ``ax`` (a line whose gid says so)."""
+    marks = [line for line in ax.get_lines() if line.get_gid() == report.SPIKE_GID]
+    assert all(line.get_xdata()[0] == line.get_xdata()[1] for line in marks)  # vertical
+    return sorted(float(line.get_xdata()[0]) for line in marks)
+
+
+def _spike_run(tmp_path: Path, spike_at: int | None) -> report.Run:
+    from param_monitor import ParameterMonitor
+    from tests.helpers.modules import fit, loader
+    from tests.test_spikes import Regression
+
+    class LoggedRegression(Regression):
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            return loss
+
+    monitor = ParameterMonitor(log_every_n_steps=10, detect_spikes=True)
+    with pytest.warns(UserWarning, match="spiked") if spike_at is not None else contextlib.nullcontext():
+        trainer, _ = fit(LoggedRegression(spike_at), tmp_path, monitor, loader(n=64, batch_size=64), max_steps=60)
+    return report.read_run(trainer.logger.log_dir)
+
+
+def test_a_planted_spike_is_marked_on_the_loss_and_gradient_norm_panels(tmp_path: Path) -> None:
+    run = _spike_run(tmp_path, spike_at=37)
+    assert sorted({(s.series, s.step) for s in run.spikes}) == [("grad_norm_total", 37), ("train_loss", 37)]
+    fig = summary_figure(run)
+    grads, metrics = fig.axes[1], fig.axes[3]
+    assert _spike_marks(grads) == [37.0] and _spike_marks(metrics) == [37.0]
+    assert "spike" in [t.get_text() for t in metrics.get_legend().get_texts()]
+    assert all(_spike_marks(ax) == [] for ax in fig.axes if ax not in (grads, metrics))
+    plt.close(fig)
+
+
+def test_a_spike_free_run_has_no_marker(tmp_path: Path) -> None:
+    run = _spike_run(tmp_path, spike_at=None)
+    assert run.spikes == ()
+    fig = summary_figure(run)
+    assert all(_spike_marks(ax) == [] for ax in fig.axes)
+    assert [t.get_text() for t in fig.axes[3].get_legend().get_texts()] == ["train_loss"]
     plt.close(fig)

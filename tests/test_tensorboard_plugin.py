@@ -39,6 +39,7 @@ from param_monitor import tags
 from param_monitor.table import ParameterInfo
 from param_monitor.tensorboard_plugin import health, plugin
 from param_monitor.tensorboard_plugin.metadata import parse_run_metadata, write_run_metadata
+from param_monitor.tensorboard_plugin.testing import write_synthetic_run
 from param_monitor.writers import write_scalars
 from tests.helpers.events import load_events, read_scalars
 
@@ -446,3 +447,13 @@ def test_a_spike_record_is_served_as_safe_html(tmp_path: Path) -> None:
         writer.add_text(plugin.SPIKES_TAG, "step 7: `a.weight` grad_norm 40x its median <script>x</script>", 7)
     (record,) = get(Client(wsgi_app(tmp_path)), "/run", run="spiky")["spikes"]
     assert record["step"] == 7 and "<code>a.weight</code>" in record["html"] and "<script>" not in record["html"]
+
+
+def test_the_spike_steps_of_the_record_are_served_for_the_time_axes(tmp_path: Path) -> None:
+    """``spike_steps``: every step the ``param_monitor/spikes`` records list (a logged step, and one between two)."""
+    write_synthetic_run(tmp_path / "spiky", tensors=4, steps=4, spikes=(120, 99))
+    write_synthetic_run(tmp_path / "calm", tensors=4, steps=4)
+    app = Client(wsgi_app(tmp_path))
+    info = get(app, "/run", run="spiky")
+    assert info["spike_steps"] == [99, 120] and [r["step"] for r in info["spikes"]] == [99, 120]
+    assert get(app, "/run", run="calm")["spike_steps"] == []

@@ -658,6 +658,50 @@ def test_overview_screenshot_and_no_console_error(driver: Any, server: TensorBoa
 
 # -- the 1,000-tensor run --------------------------------------------------------------------
 
+# -- spikes (detect_spikes=True) on the time axes ----------------------------------------------
+SPIKE_STEPS = [99, 120]  # a logged step, and one between two: the heatmap's column 149 holds it
+SPIKE_COLUMNS = [99, 149]
+
+
+@pytest.fixture(scope="module")
+def spiky(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TensorBoardServer]:
+    """A synthetic run with a ``param_monitor/spikes`` record, and one without (logged steps 49, 99, ..., 299)."""
+    root = tmp_path_factory.mktemp("spiky_logs")
+    write_synthetic_run(root / "spiky", tensors=6, steps=6, spikes=SPIKE_STEPS)
+    write_synthetic_run(root / "calm", tensors=6, steps=6)
+    route = "/data/plugin/param_monitor/run?run=spiky"
+    for tb in serve_until_listed(root, tmp_path_factory.mktemp("spiky_tb"), 2):
+        wait_until(lambda s=tb: (s.get_json(route) or {}).get("spike_steps") == SPIKE_STEPS, 60, "the spike record")
+        time.sleep(plugin.CACHE_SECONDS + 0.5)
+        yield tb
+
+
+def spike_marks(driver: Any, run: str, selector: str) -> list[list[float]]:
+    """``[x0, x1]`` of the shapes named 'spike' on every chart matching ``selector`` in ``run``'s column."""
+    return driver.execute_script(
+        f"return [...{column(run)}.querySelectorAll(arguments[0])].map((d) => d._fullLayout.shapes"
+        ".filter((s) => s.name === 'spike').map((s) => [s.x0, s.x1]))",
+        selector,
+    )
+
+
+def test_spikes_are_marked_on_the_time_axes_and_above_their_heatmap_columns(spiky: TensorBoardServer) -> None:
+    vertical = [[step, step] for step in SPIKE_STEPS]
+    with chromium(1600, 1100) as driver:
+        open_tab(driver, spiky)
+        with in_tab(driver):
+            for run in ("spiky", "calm"):
+                click_heatmap_row(driver, run, 0)
+                wait_until(lambda r=run: row_charts(driver, r), 20, "the clicked row's charts")
+            bands, rows, heat = (spike_marks(driver, "spiky", s) for s in (".plot.bands", ".plot.row", ".plot.heatmap"))
+            calm = [spike_marks(driver, "calm", s) for s in (".plot.bands", ".plot.row", ".plot.heatmap")]
+        no_console_errors(driver)
+    assert bands == [vertical]  # the group's share bands
+    assert len(rows) == 3 and all(marks == vertical for marks in rows)  # weight_mean, weight_norm, grad_norm of the row
+    assert heat == [[[c, c] for c in SPIKE_COLUMNS]]  # above the column holding each spike
+    assert calm == [[[]], [[]] * 3, [[]]]  # a run without spikes: none
+
+
 BIG_TENSORS, BIG_STEPS = 1000, 200
 
 

@@ -48,6 +48,7 @@ from tensorboard.plugins import base_plugin
 from werkzeug import Request, Response
 
 from param_monitor import tags
+from param_monitor.spikes import parse_markdown
 from param_monitor.tensorboard_plugin import health
 from param_monitor.tensorboard_plugin.metadata import model_order, parse_run_metadata, row_order, shared_groups
 
@@ -367,6 +368,8 @@ class ParamMonitorPlugin(base_plugin.TBPlugin):
             "rows": {m: names for m, names in rows.items() if names},
             "nonfinite": [{"step": s, "html": plugin_util.markdown_to_safe_html(md)} for s, md in nonfinite],
             "spikes": [{"step": s, "html": plugin_util.markdown_to_safe_html(md)} for s, md in spikes],
+            # the steps the records list (each record: the fit's first spikes so far), marked on the time axes
+            "spike_steps": sorted({spike.step for _, md in spikes for spike in parse_markdown(md)}),
             "status": run_status(meta, listing),
         }
 

@@ -59,9 +59,13 @@ def synthetic_names(tensors: int) -> list[str]:
     return [f"model.blocks.{i // 2}.{'weight' if i % 2 == 0 else 'bias'}" for i in range(tensors)]
 
 
-def write_synthetic_run(run_dir: str | Path, tensors: int = 1000, steps: int = 200, uses: int = 2) -> None:
+def write_synthetic_run(
+    run_dir: str | Path, tensors: int = 1000, steps: int = 200, uses: int = 2, spikes: Sequence[int] = ()
+) -> None:
     """A run of ``tensors`` tensors over ``steps`` logged steps (every 50th), the first block's weight
-    and bias shared by ``uses`` calls: what the monitor writes, from closed forms (no training)."""
+    and bias shared by ``uses`` calls: what the monitor writes, from closed forms (no training).
+    ``spikes``: steps of ``grad_norm_total`` spikes, in the ``param_monitor/spikes`` record written
+    as ``detect_spikes=True`` writes it (at each spike's step, the spikes so far)."""
     from torch.utils.tensorboard import SummaryWriter
 
     from param_monitor.table import ParameterInfo
@@ -91,6 +95,15 @@ def write_synthetic_run(run_dir: str | Path, tensors: int = 1000, steps: int = 2
                 metrics[tags.shared_grad_error(n)] = 1e-7
                 metrics[tags.shared_grad_cosine(n)] = 1.0
             write_scalars(writer, metrics, 50 * s + 49)
+        _write_spikes(writer, sorted(spikes))
+
+
+def _write_spikes(writer: Any, steps: Sequence[int]) -> None:
+    from param_monitor import spikes
+
+    found = [spikes.Spike(tags.GRAD_NORM_TOTAL, step, 10.0, 2.0) for step in steps]
+    for i, spike in enumerate(found):
+        writer.add_text(tags.SPIKES_TAG, spikes.markdown(found[: i + 1], i + 1, spikes.rule()), spike.step)
 
 
 if __name__ == "__main__":

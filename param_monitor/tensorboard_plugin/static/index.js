@@ -30,6 +30,7 @@ function runContext(run) {
   return {
     run, filter: state.filter, smoothing: state.smoothing, zoom: state.zoom[run], scales: state.scales[run],
     openGroups: state.openGroups[run], openTensor: state.openTensor[run],
+    spikes: data?.info?.spike_steps || [],  // marked on every time axis of the run
     sharedView: async (name) => {
       data.shared = data.shared || {};
       if (!data.shared[name]) data.shared[name] = (await getJson('shared', {run, name})).shared[0];
@@ -180,7 +181,9 @@ async function drawCompare() {
     const data = await seriesData(run, state.compareRow);
     if (Object.keys(data.series).length) entries.push({run, colourIndex: i, data});
   }
-  const ctx = {...runContext('compare'), run: 'compare'};
+  // overlaid runs: the spikes of each (a line per step, whichever run it is from)
+  const spikes = [...new Set(entries.flatMap((e) => state.data[e.run].info.spike_steps || []))].sort((a, b) => a - b);
+  const ctx = {...runContext('compare'), run: 'compare', spikes};
   await drawRow(box, state.compareRow, entries, heatmapFamilies(state.families), ctx);
 }
 

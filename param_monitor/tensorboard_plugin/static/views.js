@@ -8,6 +8,7 @@ import {
   matches, runColour, seriesCsv, seriesJson, smooth, useColours, zeroMeaning,
 } from './model.js';
 
+const SPIKE_COLOUR = '#d62728';
 const PLOT_CONFIG = {displaylogo: false, responsive: true, modeBarButtonsToRemove: ['select2d', 'lasso2d']};
 const BASE_LAYOUT = {
   margin: {l: 56, r: 16, t: 8, b: 36},
@@ -205,7 +206,8 @@ async function drawGroupCard(grid, group, ctx) {
         hovertemplate: `${use}: %{y:.1%}<extra></extra>`,
       })),
       layout: {yaxis: {range: [0, 1], tickformat: '.0%', title: {text: 'share'}}, xaxis: {title: {text: 'step'}},
-               shapes: nonfiniteBands(group.steps, group.nonfinite_steps), hovermode: 'x'},
+               shapes: [...nonfiniteBands(group.steps, group.nonfinite_steps), ...spikeLines(ctx.spikes)],
+               hovermode: 'x'},
     }),
   }, ctx);
   card.append(useLegend(group.uses, colours));
@@ -220,7 +222,8 @@ async function drawGroupCard(grid, group, ctx) {
       build: (scale) => ({
         traces: [{x: group.steps, y: gap(group.error), type: 'scatter', mode: 'lines', name: 'error',
                   line: {color: '#d62728', width: 1}}],
-        layout: {yaxis: {type: scale, exponentformat: 'e'}, margin: {...BASE_LAYOUT.margin, b: 24}},
+        layout: {yaxis: {type: scale, exponentformat: 'e'}, margin: {...BASE_LAYOUT.margin, b: 24},
+                 shapes: spikeLines(ctx.spikes)},
       }),
     }, ctx),
     chart(checks, {
@@ -230,7 +233,7 @@ async function drawGroupCard(grid, group, ctx) {
       build: () => ({
         traces: [{x: group.steps, y: gap(group.cosine), type: 'scatter', mode: 'lines', name: 'cosine',
                   line: {color: '#555', width: 1}}],
-        layout: {yaxis: {range: [-1.05, 1.05]}, margin: {...BASE_LAYOUT.margin, b: 24}},
+        layout: {yaxis: {range: [-1.05, 1.05]}, margin: {...BASE_LAYOUT.margin, b: 24}, shapes: spikeLines(ctx.spikes)},
       }),
     }, ctx),
   ]);
@@ -261,7 +264,7 @@ async function drawGroupDetails(details, group, ctx) {
     series: () => group.uses.map((u, k) => ({name: u, steps: group.steps, values: group.use_norm[k]})),
     build: (scale) => ({
       traces: group.uses.flatMap((u, k) => lines(u, group.steps, group.use_norm[k], colours[k], ctx.smoothing)),
-      layout: {yaxis: {type: scale, exponentformat: 'e'}, xaxis: {title: {text: 'step'}}},
+      layout: {yaxis: {type: scale, exponentformat: 'e'}, xaxis: {title: {text: 'step'}}, shapes: spikeLines(ctx.spikes)},
     }),
   }, ctx);
   const tensors = group.tensors.filter((t) => matches(ctx.filter, t) || matches(ctx.filter, group.name));
@@ -301,7 +304,8 @@ export async function drawTensor(holder, view, ctx) {
         })), {x: view.steps, y: gap(view.grad_norm), name: 'grad_norm (the total)', type: 'scatter', mode: 'lines',
               line: {color: '#222', width: 1.5, dash: 'dot'}}],
         layout: {xaxis: {title: {text: 'step'}}, yaxis: {title: {text: 'gradient norm'}},
-                 shapes: nonfiniteBands(view.steps, view.steps.filter((s, i) => !finite(view.grad_norm[i])))},
+                 shapes: [...nonfiniteBands(view.steps, view.steps.filter((s, i) => !finite(view.grad_norm[i]))),
+                          ...spikeLines(ctx.spikes)]},
       }),
     }, ctx);
   }
@@ -312,7 +316,7 @@ export async function drawTensor(holder, view, ctx) {
     build: (scale) => ({
       traces: [...view.sites.flatMap((s, i) => lines(s, view.steps, view.use_norm[s], colours[i], ctx.smoothing)),
                ...lines('grad_norm', view.steps, view.grad_norm, '#222', ctx.smoothing, {line: {color: '#222', dash: 'dot', width: 1}})],
-      layout: {yaxis: {type: scale, exponentformat: 'e'}, xaxis: {title: {text: 'step'}}},
+      layout: {yaxis: {type: scale, exponentformat: 'e'}, xaxis: {title: {text: 'step'}}, shapes: spikeLines(ctx.spikes)},
     }),
   }, ctx);
 }
@@ -325,6 +329,25 @@ function nonfiniteBands(steps, bad) {
     x1: i + 1 < steps.length ? (steps[i + 1] + step) / 2 : step, y0: 0, y1: 1,
     fillcolor: NONFINITE_COLOUR, opacity: 0.25, line: {width: 0},
   }]));
+}
+
+// Dashed red lines at the steps where grad_norm_total or the training loss spiked (detect_spikes=True:
+// the steps the param_monitor/spikes record lists). Named 'spike', so they can be told from other shapes.
+export function spikeLines(steps) {
+  return (steps || []).map((step) => ({
+    type: 'line', name: 'spike', xref: 'x', yref: 'paper', x0: step, x1: step, y0: 0, y1: 1,
+    line: {color: SPIKE_COLOUR, width: 1, dash: 'dash'}, opacity: 0.8,
+  }));
+}
+
+// A heatmap's column is a span of steps ending at its step: a spike is marked above the column that holds
+// it (the first column at or after it; past the last logged step, at its own step), a short red bar.
+export function spikeColumnMarks(columns, steps) {
+  const xs = [...new Set((steps || []).map((step) => columns.find((c) => c >= step) ?? step))];
+  return xs.map((x) => ({
+    type: 'line', name: 'spike', xref: 'x', yref: 'paper', ysizemode: 'pixel', yanchor: 1, y0: 1, y1: 9,
+    x0: x, x1: x, line: {color: SPIKE_COLOUR, width: 3},
+  }));
 }
 
 // -- layer health -----------------------------------------------------------------------------
@@ -412,10 +435,12 @@ export async function drawHeatmap(container, info, data, spec, ctx, onPick) {
   const what = info.has_metadata ? 'rows: parameters in model order (weights before biases, as registered)'
     : 'rows: by module name, weights before biases (no run metadata)';
   let last = null;
+  const spikes = spikeColumnMarks(data.steps, ctx.spikes);
   const caption = () => {
     const log = (ctx.scales[`heatmap:${spec.name}`] || spec.scale) === 'log';
     const parts = [`Magenta: NaN or infinite (where training broke).`];
     if (log && last && last.anySpecial) parts.unshift(zeroMeaning(spec.name));
+    if (spikes.length) parts.push('Red bar above a column: grad_norm_total or the loss spiked in its steps.');
     if (data.cell_steps) parts.push(`${data.steps.length} columns, each a span of steps (the cell: its last value, or its first NaN/inf).`);
     return parts.join(' ');
   };
@@ -426,7 +451,8 @@ export async function drawHeatmap(container, info, data, spec, ctx, onPick) {
     build: (scale) => {
       last = heatmapTraces(info, data, {...spec, filter: ctx.filter}, scale === 'log');
       return {traces: last.traces, layout: {
-        hovermode: 'closest', margin: {l: rows > 80 ? 20 : 8, r: 8, t: 8, b: 36},
+        hovermode: 'closest', margin: {l: rows > 80 ? 20 : 8, r: 8, t: spikes.length ? 14 : 8, b: 36},
+        shapes: spikes,
         xaxis: {title: {text: 'step'}},
         yaxis: {autorange: 'reversed', automargin: true, showticklabels: rows <= 80, tickfont: {size: 10}},
       }};
@@ -463,7 +489,7 @@ export async function drawRow(container, name, entries, families, ctx) {
         entries.length > 1 ? e.run : family.name, e.data.series[family.name].steps, e.data.series[family.name].values,
         runColour(e.colourIndex), ctx.smoothing)),
       layout: {yaxis: {type: scale, exponentformat: 'e'}, xaxis: {title: {text: 'step'}},
-               showlegend: entries.length > 1, legend: {orientation: 'h', y: 1.1, x: 0}},
+               showlegend: entries.length > 1, legend: {orientation: 'h', y: 1.1, x: 0}, shapes: spikeLines(ctx.spikes)},
     }),
   }, {...ctx, run: `${entries.map((e) => e.run).join('+')}_${name}`})));
 }
