@@ -198,8 +198,8 @@ async function drawAll() {
   columns.style.gridTemplateColumns = `repeat(${count}, minmax(0, 1fr))`;
   if (!state.runs.length) {
     columns.append(el('div', {class: 'empty'}, el('strong', {}, 'No run holds param_monitor data yet. '),
-      'Train with ParameterMonitor (Lightning) or write ParameterWatcher\'s statistics with write_scalars ' +
-      '(a plain loop); the tab refreshes by itself.'));
+      'Train with ParameterMonitor (Lightning) or PlainMonitor (a plain PyTorch loop); ' +
+      'the tab refreshes by itself.'));
   }
   let target = columns;
   if (overlay && state.selected.length) {

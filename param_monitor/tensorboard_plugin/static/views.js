@@ -114,8 +114,8 @@ export function statusNotes(info) {
       el('strong', {}, 'No step logged yet. '),
       `The monitor writes its statistics on logging steps only, ${every} (Lightning's Trainer default: 50), ` +
       `so a run shorter than that logs nothing.${run} Lightning: Trainer(log_every_n_steps=10) or ` +
-      'ParameterMonitor(log_every_n_steps=10). A plain PyTorch loop: write_scalars(writer, watcher.compute(), step) ' +
-      'on the steps you log. The tab refreshes by itself: the charts appear with the first logged step.'));
+      'ParameterMonitor(log_every_n_steps=10). A plain PyTorch loop: PlainMonitor(model, writer, ' +
+      'log_every_n_steps=10). The tab refreshes by itself: the charts appear with the first logged step.'));
   }
   return out;
 }
@@ -508,8 +508,8 @@ export function compactSites(sites) {
 export function drawTable(container, info, ctx) {
   if (!info.parameters.length) {
     container.append(note('No parameter table: this run has no run metadata (the monitor\'s description of the ' +
-      'model). ParameterMonitor writes it on its first logging step; a run with no logged step, or one written ' +
-      'by a plain loop\'s ParameterWatcher with write_scalars, has none yet.'));
+      'model). ParameterMonitor and PlainMonitor write it at the first step; a run written by hand with ' +
+      'write_scalars has none.'));
     return;
   }
   const shown = info.parameters.filter((p) => matches(ctx.filter, p.name));
