@@ -101,6 +101,7 @@ class PlainMonitor:
         self._open: MonitorStep | None = None
         self._warned: set[Problem | str] = set()
         self._closed = False
+        self._last_step: int | None = None  # the label of the last step: labels must increase
 
     # -- what the core asks of the loop (core.Runtime) -------------------------------------------
     def sinks(self) -> Sequence[Sink]:
@@ -119,6 +120,14 @@ class PlainMonitor:
             raise ValueError(f"`step` must be an int >= 0 (the step's label), got {step!r}.")
         if self._closed:  # its hooks are off: the step would run unmonitored
             raise RuntimeError("`PlainMonitor` is closed: `monitor.step()` needs a new `PlainMonitor`.")
+        if self._last_step is not None and step <= self._last_step:
+            # TensorBoard keeps one point per label and draws decreasing ones out of order
+            self._warn(
+                "labels",
+                f"step labels must increase: step {step} after step {self._last_step} (a repeated label is "
+                "written once, a smaller one out of order); pass a global step counter, not the batch index.",
+            )
+        self._last_step = step
         return MonitorStep(self, step)
 
     def close(self) -> None:

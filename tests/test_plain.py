@@ -371,3 +371,21 @@ def test_log_every_n_steps_none_is_refused_in_a_plain_loop(tmp_path: Path) -> No
     # nothing at all, without a warning.
     with pytest.raises(ValueError, match=r"`log_every_n_steps` must be a positive int.*got None"):
         PlainMonitor(shared_block(), SummaryWriter(str(tmp_path)), log_every_n_steps=None)
+
+
+def test_a_step_label_that_does_not_increase_is_named(tmp_path: Path) -> None:
+    # A loop that passes the epoch's batch index (0, 1, 0, 1, ...) repeats labels: TensorBoard keeps
+    # one point per label and draws the rest out of order. It used to be accepted silently.
+    model = shared_block()
+    monitor, optimizer = monitor_of(model, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in (0, 1, 1, 0):
+            optimizer.zero_grad()
+            with monitor.step(step) as s:
+                s.backward(model(torch.randn(8, 2)).square().mean())
+                s.log(optimizer)
+            optimizer.step()
+    monitor.close()
+    named = [str(w.message) for w in caught if "step labels must increase" in str(w.message)]
+    assert len(named) == 1 and "step 1 after step 1" in named[0], named
