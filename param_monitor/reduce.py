@@ -40,7 +40,7 @@ log = logging.getLogger("param_monitor")
 ENGINES = ("auto", "compiled", "torch")
 SOURCE = Path(__file__).with_name("_reduce.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared", "-pthread", "-std=gnu11"]
-MAX_USES = 15  # the kernel's limit per shared parameter (more: the torch engine for that one)
+MAX_USES = 15  # the kernel's limit per shared parameter (more: the torch engine for the whole step)
 # values read below which the kernel stays on one thread (a helper thread costs its start, ~50 us).
 # Above it, torch.get_num_threads() threads share fixed chunks. On the 2-core benchmark VM one core
 # already reads at the memory's speed: 13.7M values took 0.94-0.96x the floor at 2 threads either way.
