@@ -245,6 +245,22 @@ def test_lightning_run_equals_plain_loop(fake_system_env: FakeFashionMNIST, in_t
     assert lightning_run.val_acc == pytest.approx(plain.val_acc, abs=1e-6)
 
 
+# Crashes of the process launch on a busy CPU machine, not of the training or the monitor: gloo aborting a
+# worker at teardown (pytorch/pytorch#190489), a rendezvous port taken between its choice and its bind, a
+# peer gone before the store connected. A collective mismatch (what a monitor bug would cause) is not one.
+LAUNCH_CRASHES = (
+    "terminate called without an active exception",
+    "Address already in use",
+    "Connection reset by peer",
+    "Connection refused",
+    "Broken pipe",
+)
+
+
+def _launch_crash(stderr: str) -> bool:
+    return any(sign in stderr for sign in LAUNCH_CRASHES) and "mismatch" not in stderr
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
 def test_script_runs_under_ddp_on_cpu(fake_system_env: FakeFashionMNIST, in_tmp_cwd: Path, strategy: str) -> None:
@@ -260,15 +276,16 @@ def test_script_runs_under_ddp_on_cpu(fake_system_env: FakeFashionMNIST, in_tmp_
         f"--data.data_dir={in_tmp_cwd / 'data'}", "--trainer.max_steps=2", *SMALL,
         "--trainer.devices=2", f"--trainer.strategy={strategy}", "--trainer.accelerator=cpu",
     ]  # fmt: skip
-    for attempt in range(2):
+    failures: list[str] = []
+    for attempt in range(3):
         run_dir = in_tmp_cwd / f"try{attempt}"
         run_dir.mkdir()
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # `python -m experiments.…` from another folder
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=run_dir, env=env)
-        # gloo can abort a worker at teardown (pytorch/pytorch#190489): that one crash, and only it, is retried once
-        if done.returncode == 0 or "terminate called without an active exception" not in done.stderr:
+        if done.returncode == 0 or not _launch_crash(done.stderr):
             break
-    assert done.returncode == 0, done.stderr[-3000:]
+        failures.append(done.stderr[-1500:])  # a crash of the launch itself, not of the monitor: tried again
+    assert done.returncode == 0, "\n---\n".join([*failures, done.stderr[-3000:]])
     assert done.stdout.count("final val_acc") == 1
     log_dir = run_dir / "lightning_logs/quick/version_0"
     assert {"shared_grad/model.net.3.weight/model.net.6", "grad_norm/model.net.3.weight"} <= tags(log_dir)
