@@ -36,7 +36,7 @@ from param_monitor.distributed import reduction_group
 from param_monitor.stats import finalize, pack
 from tests.helpers.events import read_scalars
 from tests.helpers.processes import count_collectives, free_port, retry_if_killed, spawn_workers
-from tests.helpers.trainers import make_trainer
+from tests.helpers.trainers import make_trainer, model_parallel_trainer
 
 TOL = 1e-5
 WORLD = 2
@@ -308,21 +308,7 @@ class ShardedClassifier(SharedClassifier):
 
 
 def _model_parallel_worker(rank: int, port: int, out_dir: str) -> None:
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    # LOCAL_RANK makes Lightning's environment treat the processes as launched externally (as torchrun does);
-    # its own launcher would re-run `sys.argv`, i.e. pytest.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
-    torch.set_num_threads(1)
-    trainer = make_trainer(
-        Path(out_dir),
-        ParameterMonitor(log_every_n_steps=1),
-        devices=WORLD,
-        strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
-        max_steps=FSDP_STEPS,
-        log_every_n_steps=50,
-        logger=TensorBoardLogger(out_dir, name="", version="run"),
-    )
+    trainer = model_parallel_trainer(rank, port, out_dir, WORLD, max_steps=FSDP_STEPS, log_every_n_steps=50)
     model = ShardedClassifier()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

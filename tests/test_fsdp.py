@@ -25,16 +25,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from param_monitor import ParameterMonitor, ParameterWatcher, distributed
+from param_monitor import ParameterWatcher, distributed
 from param_monitor._internals import fsdp_params, fsdp_unsharded_leaves
 from param_monitor.distributed import reduction_group
 from param_monitor.stats import finalize
 from tests.helpers.events import read_scalars
 from tests.helpers.processes import count_collectives, spawn_workers
-from tests.helpers.trainers import make_trainer
+from tests.helpers.trainers import model_parallel_trainer
 from tests.test_distributed import assert_metrics_close
 
 WORLD = 2
@@ -326,6 +325,16 @@ def test_fsdp_private_reach_maps_every_graph_leaf_to_a_registered_parameter(tmp_
         loss.backward()
 
 
+def tracked_backward(watcher: ParameterWatcher, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One tracked forward and backward of ``model`` on ``(x, y)``; the watcher's step stays open."""
+    watcher.start_step()
+    watcher.begin_forward()
+    loss = lm_loss(model, x, y)
+    watcher.before_backward(loss)
+    loss.backward()
+    watcher.after_backward()
+
+
 def test_fsdp2_one_process_per_use_tags_equal_the_oracle(tmp_path: Path) -> None:
     """World size 1 (fast): the walk finds the uses through the unsharded parameters."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -333,13 +342,8 @@ def test_fsdp2_one_process_per_use_tags_equal_the_oracle(tmp_path: Path) -> None
     with one_process(tmp_path):
         model = shard(TiedLM(), "blocks+root", init_device_mesh("cpu", (1,)))
         watcher = ParameterWatcher(model)
-        watcher.start_step()
-        watcher.begin_forward()
         x, y = tokens(BATCH, seed=3)
-        loss = lm_loss(model, x, y)
-        watcher.before_backward(loss)
-        loss.backward()
-        watcher.after_backward()
+        tracked_backward(watcher, model, x, y)
         got = watcher.compute()
     assert_metrics_close(got, oracle(TiedLM(), [(x, y)]))
 
@@ -365,13 +369,8 @@ def test_fsdp2_reentrant_checkpointing_names_the_parameters_inside_the_segment(t
     with one_process(tmp_path):
         model = shard(CheckpointedLM(), "blocks+root", init_device_mesh("cpu", (1,)))
         watcher = ParameterWatcher(model)
-        watcher.start_step()
-        watcher.begin_forward()
         x, y = tokens(BATCH, seed=3)
-        loss = lm_loss(model, x, y)
-        watcher.before_backward(loss)
-        loss.backward()
-        watcher.after_backward()
+        tracked_backward(watcher, model, x, y)
         unattributed = watcher.tracker.unattributed()
         watcher.end_step()
     assert sorted(unattributed) == ["blocks.0.bias", "blocks.0.weight"], unattributed
@@ -391,13 +390,8 @@ def test_fsdp2_other_shard_dim_is_not_tracked_and_says_so(tmp_path: Path) -> Non
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             watcher = ParameterWatcher(model)
-        watcher.start_step()
-        watcher.begin_forward()
         x, y = tokens(BATCH, seed=3)
-        loss = lm_loss(model, x, y)
-        watcher.before_backward(loss)
-        loss.backward()
-        watcher.after_backward()
+        tracked_backward(watcher, model, x, y)
         got = watcher.compute()
     ours = [str(w.message) for w in caught if "param_monitor" in str(w.message)]
     assert len(ours) == 1 and "Shard(0)" in ours[0] and "wte.weight" in ours[0], ours
@@ -430,19 +424,7 @@ class ShardedLM(pl.LightningModule):
 
 
 def _lightning_worker(rank: int, port: int, out_dir: str) -> None:
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    # LOCAL_RANK: Lightning treats the processes as launched externally (its launcher would re-run pytest)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
-    torch.set_num_threads(1)
-    trainer = make_trainer(
-        Path(out_dir),
-        ParameterMonitor(log_every_n_steps=1),
-        devices=WORLD,
-        strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
-        max_steps=STEPS,
-        logger=TensorBoardLogger(out_dir, name="", version="run"),
-    )
+    trainer = model_parallel_trainer(rank, port, out_dir, WORLD, max_steps=STEPS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(ShardedLM())

@@ -44,3 +44,24 @@ def fit(
     trainer = make_trainer(tmp_path, monitor, **overrides)
     trainer.fit(module, data)
     return trainer, read_scalars(trainer.logger.log_dir) if trainer.logger else {}
+
+
+def model_parallel_trainer(rank: int, port: int, out_dir: str, world: int, **overrides: object) -> pl.Trainer:
+    """Rank ``rank`` of a ``ModelParallelStrategy`` (FSDP2) fit on CPU, every step logged to ``out_dir/run``.
+
+    LOCAL_RANK makes Lightning treat the processes as launched externally (as torchrun does): its own
+    launcher would re-run ``sys.argv``, i.e. pytest.
+    """
+    import os
+
+    import torch
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0")
+    torch.set_num_threads(1)
+    kwargs = dict(
+        devices=world,
+        strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
+        logger=TensorBoardLogger(out_dir, name="", version="run"),
+    )
+    return make_trainer(Path(out_dir), ParameterMonitor(log_every_n_steps=1), **{**kwargs, **overrides})
